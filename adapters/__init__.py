@@ -1,0 +1,26 @@
+"""Model-specific adapters (installed as ``vtr.adapters``); selected automatically from the model class."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from vtr.adapters.base import Adapter, SpliceAdapter, VisualSpans
+from vtr.adapters.llava import LlavaAdapter
+
+__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "SpliceAdapter", "VisualSpans", "adapter_for", "supported_classes"]
+
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+
+
+def supported_classes() -> list[str]:
+    return [c for a in ADAPTERS for c in a.model_classes]
+
+
+def adapter_for(model: nn.Module) -> Adapter:
+    """Instantiate the adapter for ``model`` or raise listing the supported classes."""
+    for cls in ADAPTERS:
+        if cls.matches(model):
+            return cls(model)
+    raise TypeError(
+        f"vtr has no adapter for {type(model).__name__}; supported model classes: {', '.join(supported_classes())}"
+    )

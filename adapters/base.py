@@ -1,0 +1,244 @@
+"""The Adapter protocol and the shared LLM-input splice.
+
+An adapter knows one model family: where the visual rows sit in the LLM input, their original grid
+layout, and how to splice reduced tokens back with consistent masks and positions. Operators never see
+the model; they see :class:`vtr.tokens.VisualTokens`.
+
+The splice works through two instance-level forward pre-hooks (never class patches):
+
+* on the multimodal base model (``model.model``): remember the ``input_ids`` of the call, because
+  the language model only receives ``inputs_embeds``;
+* on the language model: at prefill, cut the visual rows out of the merged ``inputs_embeds``, run the
+  ``pre_llm`` operators per sample, gather the kept rows, their attention-mask columns and their
+  ORIGINAL position ids (or compact ones), and repack the batch; at decode, rebase the attention mask
+  (``generate`` grows it from the unpruned length) and shift positions where needed.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vtr.ops.base import OpContext
+from vtr.tokens import ImageLayout, VisualTokens
+
+if TYPE_CHECKING:  # pragma: no cover
+    from vtr.api import Reducer
+
+__all__ = ["Adapter", "SpliceAdapter", "SpliceState", "VisualSpans"]
+
+
+@dataclass
+class VisualSpans:
+    """Visual rows of one sample: their sequence positions ``[N]`` and the per-image layout."""
+
+    seq_pos: Tensor
+    layout: tuple[ImageLayout, ...]
+
+
+class Adapter:
+    """Base of all adapters. Subclasses set ``model_classes`` and ``supported_stages``."""
+
+    name: ClassVar[str] = "base"
+    model_classes: ClassVar[tuple[str, ...]] = ()
+    supported_stages: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self._handles: list[Any] = []
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return type(model).__name__ in cls.model_classes
+
+    def install(self, reducer: Reducer) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
+@dataclass
+class SpliceState:
+    """What decoding needs to know about the last reduced prefill."""
+
+    cache_ref: Any  # weakref to the cache object, or None
+    orig_len: int  # prompt length before reduction
+    new_len: int  # prompt length after reduction (= cache length after prefill)
+    mask: Tensor  # [B, new_len] attention mask of the reduced prompt
+    shift: Tensor  # [B] long, subtracted from original position ids (0 unless positions="compact")
+
+
+class SpliceAdapter(Adapter):
+    """Adapters whose ``pre_llm`` stage splices reduced rows into the language model's input."""
+
+    supported_stages: ClassVar[tuple[str, ...]] = ("pre_llm",)
+
+    # ------------------------------------------------------------------ family-specific
+    def base_model(self) -> nn.Module:
+        """The module whose forward receives ``input_ids`` (and merges visual features)."""
+        return self.model.model
+
+    def language_model(self) -> nn.Module:
+        """The decoder whose forward receives the merged ``inputs_embeds``."""
+        return self.model.model.language_model
+
+    def visual_spans(self, input_ids: Tensor) -> VisualSpans:  # pragma: no cover - abstract
+        """Visual rows of one sample (``input_ids`` is ``[L]``)."""
+        raise NotImplementedError
+
+    def default_positions(self, kwargs: dict[str, Any], batch: int, length: int, past: int, device) -> Tensor:
+        """Position ids the language model would build itself when none are passed: ``[B, L]``."""
+        return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, length)
+
+    # ------------------------------------------------------------------ hooks
+    def install(self, reducer: Reducer) -> None:
+        self.reducer = reducer
+        self._input_ids: Tensor | None = None
+        self._state: SpliceState | None = None
+        self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
+        self._handles.append(self.base_model().register_forward_pre_hook(self._base_hook, with_kwargs=True))
+        self._handles.append(self.language_model().register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+
+    def remove(self) -> None:
+        super().remove()
+        self._input_ids = None
+        self._state = None
+
+    def _top_hook(self, module, args, kwargs):
+        if kwargs.get("labels") is not None:
+            raise NotImplementedError(
+                "vtr does not map `labels` onto a reduced sequence: the logits cover the reduced prompt. "
+                "Compute the loss outside the model (model.vtr.report lists the kept rows) or unwrap first."
+            )
+        return None
+
+    def _base_hook(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        self._input_ids = ids
+        return None
+
+    def _lm_hook(self, module, args, kwargs):
+        if args:
+            raise TypeError("vtr expects the language model to be called with keyword arguments")
+        embeds = kwargs.get("inputs_embeds")
+        if embeds is None:
+            return None
+        cache = kwargs.get("cache")
+        past = int(cache.get_seq_length()) if cache is not None else 0
+        input_ids, self._input_ids = self._input_ids, None
+        if past == 0:
+            return args, self._prefill(kwargs, input_ids, cache)
+        return args, self._decode(kwargs, cache, past)
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, kwargs: dict[str, Any], input_ids: Tensor | None, cache) -> dict[str, Any]:
+        from vtr.report import Report
+
+        embeds: Tensor = kwargs["inputs_embeds"]
+        bsz, length, _ = embeds.shape
+        device = embeds.device
+        if input_ids is None or input_ids.shape[:2] != (bsz, length):
+            raise ValueError(
+                "vtr needs `input_ids` to find the visual tokens; calls with only `inputs_embeds` "
+                "cannot be reduced (unwrap the model for them)"
+            )
+        mask = kwargs.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(bsz, length, dtype=torch.long, device=device)
+        elif mask.ndim != 2:
+            raise ValueError("vtr needs a 2-D attention mask (or none); got a prepared 4-D mask")
+        pos = kwargs.get("position_ids")
+        if pos is None:
+            pos = self.default_positions(kwargs, bsz, length, 0, device)
+        pos = pos.expand(*pos.shape[:-2], bsz, length) if pos.shape[-2] == 1 else pos
+
+        spans = [self.visual_spans(input_ids[b]) for b in range(bsz)]
+        missing = [b for b, s in enumerate(spans) if len(s.seq_pos) == 0]
+        if missing:
+            raise ValueError(
+                f"no visual tokens found in sample(s) {missing} of this call; the {self.name} adapter looks for "
+                f"image token id {getattr(self, 'image_token_id', '?')}. A reduced model needs an image or video "
+                "in every prompt: unwrap it (vtr.unwrap) or use `with vtr.reduced(...)` around visual calls only."
+            )
+        reducer = self.reducer
+        report = Report(original_tokens=[len(s.seq_pos) for s in spans])
+        batch = [VisualTokens.from_layout(embeds[b, s.seq_pos], s.layout) for b, s in enumerate(spans)]
+        contexts = [OpContext(sample=b) for b in range(bsz)]
+        batch = reducer.pipeline.run("pre_llm", batch, contexts, report)
+        reducer.report = report
+
+        compact = reducer.recipe.positions == "compact"
+        rows_e, rows_m, rows_p, shifts = [], [], [], []
+        for b, (s, red) in enumerate(zip(spans, batch, strict=True)):
+            red = red.sorted()
+            keep = torch.ones(length, dtype=torch.bool, device=device)
+            keep[s.seq_pos] = False
+            kept_pos = s.seq_pos[red.index]
+            keep[kept_pos] = True
+            e = embeds[b].clone()
+            e[kept_pos] = red.embeds.to(e.dtype)
+            p = pos[..., b, :]
+            removed = int(length - keep.sum())
+            if compact:
+                removed_before = torch.cumsum((~keep).long(), dim=0)
+                p = p - removed_before
+            rows_e.append(e[keep])
+            rows_m.append(mask[b][keep])
+            rows_p.append(p[..., keep])
+            shifts.append(removed if compact else 0)
+        new_len = max(r.shape[0] for r in rows_e)
+        left = not bool((mask[:, -1] == 0).any())  # right padding only when some row ends in padding
+        new_e = embeds.new_zeros(bsz, new_len, embeds.shape[-1])
+        new_m = mask.new_zeros(bsz, new_len)
+        new_p = pos.new_zeros(*pos.shape[:-2], bsz, new_len)
+        for b in range(bsz):
+            n = rows_e[b].shape[0]
+            sl = slice(new_len - n, new_len) if left else slice(0, n)
+            new_e[b, sl] = rows_e[b]
+            new_m[b, sl] = rows_m[b]
+            new_p[..., b, sl] = rows_p[b]
+        self._state = SpliceState(
+            cache_ref=weakref.ref(cache) if cache is not None else None,
+            orig_len=length,
+            new_len=new_len,
+            mask=new_m,
+            shift=torch.tensor(shifts, device=device),
+        )
+        out = dict(kwargs)
+        out.update(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p)
+        return out
+
+    # ------------------------------------------------------------------ decode
+    def _decode(self, kwargs: dict[str, Any], cache, past: int) -> dict[str, Any]:
+        st = self._state
+        if st is None or st.cache_ref is None or st.cache_ref() is not cache:
+            # A cache this wrapper did not fill (e.g. built before wrapping): leave the call alone.
+            return kwargs
+        embeds: Tensor = kwargs["inputs_embeds"]
+        bsz, q = embeds.shape[:2]
+        out = dict(kwargs)
+        mask = kwargs.get("attention_mask")
+        grown = past - st.new_len  # tokens appended to the cache since the reduced prefill
+        if mask is not None:
+            if mask.shape[-1] == st.orig_len + grown + q:
+                out["attention_mask"] = torch.cat([st.mask.to(mask.dtype), mask[:, st.orig_len :]], dim=1)
+            elif mask.shape[-1] != past + q:
+                raise ValueError(
+                    f"attention mask has {mask.shape[-1]} columns; expected {st.orig_len + grown + q} (unreduced "
+                    f"prompt + new tokens) or {past + q} (reduced cache + new tokens)"
+                )
+        pos = kwargs.get("position_ids")
+        shift = st.shift.to(embeds.device)
+        if pos is None:
+            base = self.default_positions(kwargs, bsz, q, st.orig_len + grown, embeds.device)
+            out["position_ids"] = base - shift.view(bsz, 1)
+        elif bool(shift.any()):
+            out["position_ids"] = pos - shift.view(*([1] * (pos.ndim - 2)), -1, 1)
+        return out

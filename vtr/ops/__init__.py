@@ -1,0 +1,17 @@
+"""Token-reduction operators: one module per method, each a functional core plus an Operator dataclass."""
+
+from vtr.ops.base import STAGES, BudgetOperator, OpContext, Operator, resolve_keep, validate_keep
+from vtr.ops.baselines import Pool, Random
+from vtr.ops.divprune import DivPrune
+
+__all__ = [
+    "STAGES",
+    "BudgetOperator",
+    "DivPrune",
+    "OpContext",
+    "Operator",
+    "Pool",
+    "Random",
+    "resolve_keep",
+    "validate_keep",
+]

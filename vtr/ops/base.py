@@ -1,0 +1,138 @@
+"""Operator base classes, budget resolution and the per-call operator context."""
+
+from __future__ import annotations
+
+import numbers
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from vtr.tokens import SCOPES, VisualTokens
+
+__all__ = ["STAGES", "BudgetOperator", "OpContext", "Operator", "resolve_keep", "validate_keep"]
+
+#: Stages in execution order (see DESIGN §2).
+STAGES = ("vision", "pre_llm", "prefill", "decode")
+
+
+def validate_keep(keep: Any, name: str = "keep") -> int | float:
+    """Check a budget: an int >= 1 (count) or a float in (0, 1] (ratio). Returns it unchanged."""
+    if isinstance(keep, bool) or not isinstance(keep, numbers.Real):
+        raise TypeError(
+            f"{name} must be an int >= 1 (a token count) or a float in (0, 1] (a ratio), "
+            f"got {keep!r} of type {type(keep).__name__}"
+        )
+    if isinstance(keep, numbers.Integral):
+        if keep <= 0:
+            raise ValueError(f"{name} must be an int >= 1 or a float in (0, 1], got {keep!r}")
+        return int(keep)
+    keep = float(keep)
+    if not 0.0 < keep <= 1.0:
+        raise ValueError(
+            f"{name} must be a float in (0, 1] (a ratio) or an int >= 1 (a count), got {keep!r}"
+        )
+    return keep
+
+
+def resolve_keep(keep: int | float, n: int) -> int:
+    """Number of tokens to keep out of ``n``.
+
+    An int is a count (``>= n`` keeps everything); a float ratio resolves to
+    ``clamp(round(keep * n), 1, n)`` with Python rounding. ``n == 0`` gives 0.
+    """
+    keep = validate_keep(keep)
+    if n <= 0:
+        return 0
+    if isinstance(keep, int):
+        return min(keep, n)
+    return max(1, min(n, round(keep * n)))
+
+
+@dataclass
+class OpContext:
+    """What an operator may know about the current call besides the tokens.
+
+    Attributes:
+        sample: index of the sample in the batch (for messages only: results must not depend on it).
+        query: the text of the sample's prompt, when the adapter can recover it.
+        extras: adapter-provided extras (e.g. the tokenizer), keyed by name.
+    """
+
+    sample: int = 0
+    query: str | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Operator:
+    """Base of every token-reduction operator.
+
+    Subclasses are dataclasses with typed, validated hyper-parameters; they declare the ``stage`` they
+    act in and the named ``signals`` they need the adapter to capture (e.g. ``"cls_attn@-2"``).
+    ``apply`` is pure with respect to the model: ``VisualTokens -> VisualTokens`` for one sample.
+    """
+
+    stage: ClassVar[str] = "pre_llm"
+    signals: ClassVar[tuple[str, ...]] = ()
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the bad field, its value and what is allowed."""
+
+    @property
+    def name(self) -> str:
+        return type(self).__name__
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:  # pragma: no cover
+        raise NotImplementedError
+
+    def params(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    def __call__(self, tokens: VisualTokens, ctx: OpContext | None = None) -> VisualTokens:
+        return self.apply(tokens, ctx or OpContext())
+
+
+@dataclass
+class BudgetOperator(Operator):
+    """An operator that reduces each budget unit (``scope``) to ``keep`` tokens.
+
+    Subclasses implement ``select`` (return kept positions, the default path) or override ``reduce``
+    (return new tokens, e.g. for pooling or merging).
+    """
+
+    keep: int | float = 0.25
+    scope: str = "image"
+
+    def validate(self) -> None:
+        self.keep = validate_keep(self.keep)
+        if self.scope not in SCOPES:
+            raise ValueError(f"{self.name}.scope must be one of {SCOPES}, got {self.scope!r}")
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        parts = []
+        for _, pos in tokens.units(self.scope):
+            unit = tokens.take(pos)
+            # Ratios refer to the ORIGINAL count of the unit (merged tokens carry their sizes).
+            n_orig = int(round(float(unit.sizes.sum())))
+            k = min(resolve_keep(self.keep, max(n_orig, len(unit))), len(unit))
+            parts.append(unit if k >= len(unit) else self.reduce(unit, k, ctx))
+        if not parts:
+            return tokens
+        return VisualTokens.cat(parts).sorted()
+
+    def reduce(self, unit: VisualTokens, k: int, ctx: OpContext) -> VisualTokens:
+        """Reduce one unit of ``len(unit) > k`` tokens to (about) ``k`` tokens."""
+        idx = self.select(unit, k, ctx)
+        # Protected tokens (e.g. MustDrop's key set) always survive.
+        if bool(unit.protected.any()):
+            idx = torch.unique(torch.cat([idx.to(unit.protected.device), unit.protected.nonzero().flatten()]))
+        return unit.take(idx)
+
+    def select(self, unit: VisualTokens, k: int, ctx: OpContext) -> Tensor:  # pragma: no cover
+        """Ascending positions (into ``unit``) of the ``k`` tokens to keep."""
+        raise NotImplementedError

@@ -1,0 +1,167 @@
+"""Baselines every method must beat: ``Random`` (seeded subset) and ``Pool`` (2-D average pooling)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from vtr.ops.base import BudgetOperator, OpContext
+from vtr.tokens import VisualTokens
+
+__all__ = ["Pool", "Random", "pool_grid_shape", "pool_windows", "random_select"]
+
+
+def random_select(n: int, k: int, seed: int) -> Tensor:
+    """``k`` distinct ascending indices out of ``n``, a pure function of ``(n, k, seed)``."""
+    if k <= 0:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if k >= n:
+        return torch.arange(n)
+    gen = torch.Generator().manual_seed(seed)
+    return torch.sort(torch.randperm(n, generator=gen)[:k]).values
+
+
+@dataclass
+class Random(BudgetOperator):
+    """Keep a uniformly random subset of ``keep`` tokens per ``scope`` unit.
+
+    Reproducible: the subset depends only on ``seed`` and the unit size, never on the batch.
+    """
+
+    keep: int | float = 0.25
+    scope: str = "image"
+    seed: int = 0
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise TypeError(f"Random.seed must be an int, got {self.seed!r}")
+
+    def select(self, unit: VisualTokens, k: int, ctx: OpContext) -> Tensor:
+        return random_select(len(unit), k, self.seed).to(unit.embeds.device)
+
+
+def pool_grid_shape(h: int, w: int, k: int) -> tuple[int, int]:
+    """Output grid ``(oh, ow)`` with ``oh * ow <= k`` closest to ``k``, keeping the aspect ratio.
+
+    ``oh <= h``, ``ow <= w``, both >= 1. Ties prefer the shape whose aspect ratio is closest to ``h/w``.
+    """
+    if k >= h * w:
+        return h, w
+    best: tuple[int, float, int, int] | None = None
+    for oh in range(1, h + 1):
+        ow = min(w, k // oh)
+        if ow < 1:
+            break
+        aspect_err = abs(math.log((oh / ow) / (h / w)))
+        cand = (oh * ow, -aspect_err, oh, ow)
+        if best is None or cand[:2] > best[:2]:
+            best = cand
+    assert best is not None
+    return best[2], best[3]
+
+
+def pool_windows(n: int, out: int) -> list[tuple[int, int]]:
+    """Adaptive-pooling windows ``[start, stop)`` splitting ``n`` cells into ``out`` bins."""
+    return [((i * n) // out, -((-(i + 1) * n) // out)) for i in range(out)]
+
+
+@dataclass
+class Pool(BudgetOperator):
+    """Average-pool each frame/tile grid down to the budget (the "downsample" baseline).
+
+    Each output token is the mean of an adaptive-pooling window of the ORIGINAL grid; it keeps the
+    original position of the window cell nearest to the window centre (its representative) and
+    ``sizes`` = cells covered. The output count is the largest grid ``oh * ow <= k`` with the
+    image's aspect ratio, so it can be slightly below ``k``. Works on unreduced grids only (put it
+    first in a chain); rows outside the grids (e.g. newlines) are kept as they are.
+    """
+
+    keep: int | float = 0.25
+    scope: str = "image"
+
+    def reduce(self, unit: VisualTokens, k: int, ctx: OpContext) -> VisualTokens:
+        if not bool((unit.sizes == 1).all()) or unit.sources is not None:
+            raise ValueError("Pool works on unreduced token grids: place it before merging operators")
+        groups = _grid_groups(unit)
+        if not groups:
+            raise ValueError("Pool found no complete token grid to pool in this unit")
+        n_grid = sum(len(pos) for _, _, pos in groups)
+        extra = _extra_rows(unit, groups)
+        budget = max(k - len(extra), len(groups))
+        parts: list[VisualTokens] = []
+        for (h, w), coords, pos in groups:
+            share = max(1, (budget * len(pos)) // n_grid)
+            parts.append(_pool_one(unit, pos, coords, h, w, share))
+        if len(extra):
+            parts.append(unit.take(extra))
+        return VisualTokens.cat(parts)
+
+
+def _grid_groups(unit: VisualTokens) -> list[tuple[tuple[int, int], Tensor, Tensor]]:
+    """Per (image, frame, t) group: its (h, w) grid, coords and positions, when the grid is complete."""
+    out = []
+    key = torch.stack([unit.image, unit.frame, unit.coords[:, 0]], dim=1)
+    for k in torch.unique(key, dim=0).tolist():
+        mask = (key == torch.tensor(k, device=key.device)).all(dim=1)
+        pos = mask.nonzero().flatten()
+        im = unit.layout[k[0]]
+        t, h, w = im.grids[k[1]] if k[1] < len(im.grids) else (0, 0, 0)
+        # Unique coordinates only: rows beyond the grid (newlines) repeat a grid coordinate.
+        co = unit.coords[pos]
+        first = _first_occurrence(co[:, 1] * max(w, 1) + co[:, 2])
+        pos, co = pos[first], co[first]
+        if h * w and len(pos) == h * w:
+            out.append(((h, w), co, pos))
+    return out
+
+
+def _first_occurrence(keys: Tensor) -> Tensor:
+    seen: set[int] = set()
+    keep = []
+    for i, v in enumerate(keys.tolist()):
+        if v not in seen:
+            seen.add(v)
+            keep.append(i)
+    return torch.tensor(keep, dtype=torch.long, device=keys.device)
+
+
+def _extra_rows(unit: VisualTokens, groups) -> Tensor:
+    used = torch.zeros(len(unit), dtype=torch.bool, device=unit.embeds.device)
+    for _, _, pos in groups:
+        used[pos] = True
+    return (~used).nonzero().flatten()
+
+
+def _pool_one(unit: VisualTokens, pos: Tensor, coords: Tensor, h: int, w: int, k: int) -> VisualTokens:
+    oh, ow = pool_grid_shape(h, w, k)
+    order = torch.argsort(coords[:, 1] * w + coords[:, 2])
+    pos = pos[order]  # row-major grid order
+    rows, reps, members = [], [], []
+    for r0, r1 in pool_windows(h, oh):
+        for c0, c1 in pool_windows(w, ow):
+            cells = [r * w + c for r in range(r0, r1) for c in range(c0, c1)]
+            # Representative: the cell nearest the window centre (lowest index on ties).
+            cy, cx = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
+            rep = min(cells, key=lambda i: ((i // w - cy) ** 2 + (i % w - cx) ** 2, i))
+            rows.append(cells)
+            reps.append(rep)
+    rep_pos = pos[torch.tensor(reps, device=pos.device)]
+    out = unit.take(rep_pos)
+    weights = torch.zeros(len(rows), h * w, dtype=torch.float32, device=unit.embeds.device)
+    for i, cells in enumerate(rows):
+        weights[i, cells] = 1.0 / len(cells)
+        members.append(cells)
+    grid_embeds = unit.embeds[pos].float()
+    out.embeds = (weights @ grid_embeds).to(unit.embeds.dtype)
+    out.sizes = torch.tensor([float(len(c)) for c in members], device=unit.embeds.device)
+    src = torch.zeros(len(rows), unit.n_orig, dtype=torch.bool, device=unit.embeds.device)
+    orig = unit.index[pos]
+    for i, cells in enumerate(members):
+        src[i, orig[torch.tensor(cells, device=orig.device)]] = True
+    out.sources = src
+    out.scores = {name: (weights @ unit.scores[name][pos].float()) for name in unit.scores}
+    return out

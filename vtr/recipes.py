@@ -1,0 +1,211 @@
+"""Named recipes (operator chains) and YAML loading.
+
+A recipe is a list of operators plus wrap-level options (``positions``). Named recipes are factories
+registered with :func:`register`; ``vtr recipes`` lists them.
+
+YAML format (``configs/*.yaml``)::
+
+    name: divprune_llava          # optional
+    description: ...              # optional
+    positions: original           # optional: "original" (default) or "compact"
+    ops:                          # either an explicit chain ...
+      - op: DivPrune
+        keep: 0.098
+    recipe: divprune              # ... or a named recipe
+    overrides: {keep: 0.1}        # optional overrides for a named recipe
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from vtr import ops as _ops
+from vtr.ops.base import Operator
+
+__all__ = [
+    "POSITIONS",
+    "Recipe",
+    "build",
+    "describe",
+    "get",
+    "load_recipe",
+    "names",
+    "operator_classes",
+    "register",
+]
+
+POSITIONS = ("original", "compact")
+
+
+@dataclass
+class Recipe:
+    """Operators plus wrap-level options."""
+
+    ops: list[Operator]
+    positions: str = "original"
+    name: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if self.positions not in POSITIONS:
+            raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+
+
+_REGISTRY: dict[str, tuple[Callable[[], list[Operator]], str]] = {}
+
+
+def register(name: str, factory: Callable[[], list[Operator]], description: str = "") -> None:
+    """Register a named recipe (lowercase name -> factory returning fresh operators)."""
+    if name != name.lower():
+        raise ValueError(f"recipe names are lowercase, got {name!r}")
+    _REGISTRY[name] = (factory, description)
+
+
+def names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def describe() -> dict[str, str]:
+    return {n: _REGISTRY[n][1] for n in names()}
+
+
+def operator_classes() -> dict[str, type[Operator]]:
+    """Operator classes that YAML ``op:`` entries may name."""
+    out: dict[str, type[Operator]] = {}
+    for name in dir(_ops):
+        obj = getattr(_ops, name)
+        if isinstance(obj, type) and issubclass(obj, Operator) and dataclasses.is_dataclass(obj):
+            if obj.__name__ not in ("Operator", "BudgetOperator"):
+                out[obj.__name__] = obj
+    return out
+
+
+def get(name: str, **overrides: Any) -> list[Operator]:
+    """Fresh operators of the named recipe with ``overrides`` applied (see :func:`apply_overrides`)."""
+    if name not in _REGISTRY:
+        raise ValueError(f"unknown recipe {name!r}; available recipes: {', '.join(names())}")
+    return apply_overrides(_REGISTRY[name][0](), overrides)
+
+
+def apply_overrides(chain: list[Operator], overrides: dict[str, Any]) -> list[Operator]:
+    """Set each override on every operator that has a field of that name (re-validated).
+
+    An override no operator accepts raises ``ValueError`` listing the accepted names.
+    """
+    accepted: set[str] = set()
+    for op in chain:
+        accepted |= {f.name for f in dataclasses.fields(op)}
+    for key in overrides:
+        if key not in accepted:
+            raise ValueError(
+                f"unknown option {key!r} for recipe [{', '.join(op.name for op in chain)}]; "
+                f"accepted: {', '.join(sorted(accepted)) or '(none)'}"
+            )
+    out = []
+    for op in chain:
+        fields = {f.name for f in dataclasses.fields(op)}
+        mine = {k: v for k, v in overrides.items() if k in fields}
+        out.append(dataclasses.replace(op, **mine) if mine else op)
+    return out
+
+
+def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) -> Recipe:
+    """Normalise anything :func:`vtr.wrap` accepts into a :class:`Recipe`.
+
+    ``recipe`` is a registered name, a path to a YAML file, one operator, a list of operators or a
+    ``Recipe``. ``positions`` in ``overrides`` is a wrap-level option; the rest go to operators.
+    """
+    positions = overrides.pop("positions", None)
+    if isinstance(recipe, Recipe):
+        rec = dataclasses.replace(recipe, ops=apply_overrides(list(recipe.ops), overrides))
+    elif isinstance(recipe, Operator):
+        rec = Recipe(apply_overrides([recipe], overrides))
+    elif isinstance(recipe, (list, tuple)):
+        rec = Recipe(apply_overrides(list(recipe), overrides))
+    elif isinstance(recipe, (str, Path)):
+        text = str(recipe)
+        if text in _REGISTRY:
+            rec = Recipe(get(text, **overrides), name=text, description=_REGISTRY[text][1])
+        elif text.endswith((".yaml", ".yml")) or Path(text).exists():
+            rec = load_recipe(text)
+            rec = dataclasses.replace(rec, ops=apply_overrides(rec.ops, overrides))
+        else:
+            raise ValueError(
+                f"unknown recipe {text!r}; available recipes: {', '.join(names())} (or a path to a .yaml file)"
+            )
+    else:
+        raise TypeError(
+            f"recipe must be a name, a YAML path, an Operator or a list of Operators, got {type(recipe).__name__}"
+        )
+    if positions is not None:
+        rec = dataclasses.replace(rec, positions=positions)
+    return rec
+
+
+_TOP_KEYS = ("name", "description", "positions", "ops", "recipe", "overrides")
+
+
+def load_recipe(path_or_name: str | Path) -> Recipe:
+    """Load a recipe from a YAML file (``yaml.safe_load``) or return a named one.
+
+    Unknown keys — at the top level or in an operator entry — raise ``ValueError`` listing the allowed
+    keys.
+    """
+    text = str(path_or_name)
+    if text in _REGISTRY and not Path(text).exists():
+        return build(text)
+    path = Path(text)
+    if not path.is_file():
+        raise FileNotFoundError(f"recipe file not found: {text} (named recipes: {', '.join(names())})")
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a recipe file must hold a mapping, got {type(data).__name__}")
+    unknown = sorted(set(data) - set(_TOP_KEYS))
+    if unknown:
+        raise ValueError(f"{path}: unknown key(s) {unknown}; allowed keys: {list(_TOP_KEYS)}")
+    if ("ops" in data) == ("recipe" in data):
+        raise ValueError(f"{path}: give exactly one of 'ops' (a chain) or 'recipe' (a registered name)")
+    if "recipe" in data:
+        overrides = data.get("overrides") or {}
+        if not isinstance(overrides, dict):
+            raise ValueError(f"{path}: 'overrides' must be a mapping")
+        chain = get(str(data["recipe"]), **overrides)
+    else:
+        if "overrides" in data:
+            raise ValueError(f"{path}: 'overrides' only applies with 'recipe'; set fields in 'ops' instead")
+        chain = [_op_from_dict(entry, path, i) for i, entry in enumerate(data["ops"] or [])]
+    return Recipe(
+        ops=chain,
+        positions=data.get("positions", "original"),
+        name=data.get("name", path.stem),
+        description=data.get("description", ""),
+    )
+
+
+def _op_from_dict(entry: Any, path: Path, i: int) -> Operator:
+    classes = operator_classes()
+    if not isinstance(entry, dict) or "op" not in entry:
+        raise ValueError(f"{path}: ops[{i}] must be a mapping with an 'op' key naming one of {sorted(classes)}")
+    entry = dict(entry)
+    cls_name = entry.pop("op")
+    if cls_name not in classes:
+        raise ValueError(f"{path}: ops[{i}]: unknown operator {cls_name!r}; allowed: {sorted(classes)}")
+    cls = classes[cls_name]
+    allowed = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(entry) - set(allowed))
+    if unknown:
+        raise ValueError(f"{path}: ops[{i}] ({cls_name}): unknown key(s) {unknown}; allowed keys: {allowed}")
+    return cls(**entry)
+
+
+# ---------------------------------------------------------------------- built-in recipes
+register("divprune", lambda: [_ops.DivPrune()], "DivPrune: max-min diverse subset, pre-LLM (keep 0.098)")
+register("random", lambda: [_ops.Random()], "Random: seeded uniform subset, pre-LLM baseline (keep 0.25)")
+register("pool", lambda: [_ops.Pool()], "Pool: 2-D average pooling of the token grid, pre-LLM baseline (keep 0.25)")
+

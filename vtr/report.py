@@ -1,0 +1,106 @@
+"""Per-call report: visual tokens per stage per sample, kept indices in original coordinates, timings."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from vtr.tokens import VisualTokens
+
+__all__ = ["ImageRecord", "Report", "StageRecord"]
+
+
+@dataclass
+class ImageRecord:
+    """What one operator did to one image (or video) of one sample."""
+
+    image: int
+    tokens_in: int
+    tokens_out: int
+    kept: list[int]  # original indices within the image, ascending (representatives for merged tokens)
+
+
+@dataclass
+class StageRecord:
+    """One operator applied to one sample."""
+
+    sample: int
+    stage: str
+    operator: str
+    tokens_in: int
+    tokens_out: int
+    seconds: float
+    images: list[ImageRecord] = field(default_factory=list)
+
+
+@dataclass
+class Report:
+    """What the last reduced call did. ``model.vtr.report`` holds the report of the latest prefill."""
+
+    records: list[StageRecord] = field(default_factory=list)
+    original_tokens: list[int] = field(default_factory=list)  # visual rows per sample before reduction
+
+    def add(
+        self,
+        *,
+        sample: int,
+        stage: str,
+        operator: str,
+        before: VisualTokens,
+        after: VisualTokens,
+        seconds: float,
+    ) -> None:
+        images = []
+        for i, im in enumerate(after.layout):
+            mask = after.image == i
+            kept = sorted(int(v) - im.offset for v in after.index[mask].tolist())
+            images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept))
+        self.records.append(
+            StageRecord(sample, stage, operator, len(before), len(after), seconds, images)
+        )
+
+    @property
+    def samples(self) -> int:
+        return len(self.original_tokens)
+
+    def tokens_out(self, sample: int = 0) -> int:
+        """Visual tokens of ``sample`` after the last operator (the LLM input)."""
+        recs = [r for r in self.records if r.sample == sample]
+        return recs[-1].tokens_out if recs else self.original_tokens[sample]
+
+    def kept(self, sample: int = 0, image: int = 0) -> list[int]:
+        """Original indices kept for one image after the last operator."""
+        recs = [r for r in self.records if r.sample == sample]
+        if not recs:
+            raise ValueError(f"no operator ran on sample {sample}")
+        return recs[-1].images[image].kept
+
+    @property
+    def operator_seconds(self) -> float:
+        return sum(r.seconds for r in self.records)
+
+    def summary(self) -> str:
+        """Human-readable table: one line per sample and operator."""
+        lines = [f"{'sample':>6} {'stage':<8} {'operator':<12} {'in':>6} {'out':>6} {'ms':>8}"]
+        for r in self.records:
+            lines.append(
+                f"{r.sample:>6} {r.stage:<8} {r.operator:<12} {r.tokens_in:>6} {r.tokens_out:>6} "
+                f"{r.seconds * 1e3:>8.2f}"
+            )
+        return "\n".join(lines)
+
+    def to_dict(self) -> dict:
+        return {
+            "original_tokens": list(self.original_tokens),
+            "records": [
+                {
+                    "sample": r.sample,
+                    "stage": r.stage,
+                    "operator": r.operator,
+                    "tokens_in": r.tokens_in,
+                    "tokens_out": r.tokens_out,
+                    "seconds": r.seconds,
+                    "images": [vars(i) for i in r.images],
+                }
+                for r in self.records
+            ],
+        }
