@@ -83,12 +83,14 @@ def tiny_llava(
     text_layers: int = 2,
     seed: int = 0,
     attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
 ):
     """A random-weight ``LlavaForConditionalGeneration`` and its ``LlavaProcessor``.
 
     CLIP-style vision tower with a CLS token (``(image_size / patch_size)**2`` patch tokens per image,
     256 by default, CLS dropped by the ``default`` feature strategy) and a Llama LM. Returns
-    ``(model, processor)``; the model is in eval mode, fp32, on the CPU.
+    ``(model, processor)``; the model is in eval mode, fp32, on the CPU. ``words`` replaces the
+    default vocabulary (see :func:`build_word_tokenizer`).
     """
     from transformers import (
         CLIPImageProcessor,
@@ -99,7 +101,7 @@ def tiny_llava(
         LlavaProcessor,
     )
 
-    tokenizer = build_word_tokenizer()
+    tokenizer = build_word_tokenizer(words)
     vision = CLIPVisionConfig(
         hidden_size=vision_hidden,
         intermediate_size=vision_hidden * 4,

@@ -1,0 +1,8 @@
+"""Benchmarks behind ``vtr bench``: each module exposes ``add_arguments(parser)`` and ``run(args) -> int``.
+
+* ``quality``    accuracy vs visual tokens kept on the synthetic visual QA test split
+* ``kernels``    Triton kernels vs torch fallbacks vs an official-style loop
+* ``efficiency`` prefill time and analytic FLOPs, baseline vs reduced, on a LLaVA-1.5-shaped model
+"""
+
+BENCHMARKS = ("quality", "kernels", "efficiency")
