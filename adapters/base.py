@@ -16,6 +16,7 @@ The splice works through two instance-level forward pre-hooks (never class patch
 
 from __future__ import annotations
 
+import functools
 import weakref
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -29,15 +30,61 @@ from vtr.tokens import ImageLayout, VisualTokens
 if TYPE_CHECKING:  # pragma: no cover
     from vtr.api import Reducer
 
-__all__ = ["Adapter", "SpliceAdapter", "SpliceState", "VisualSpans"]
+__all__ = ["Adapter", "SpliceAdapter", "SpliceState", "VisionInfo", "VisualSpans"]
 
 
 @dataclass
 class VisualSpans:
-    """Visual rows of one sample: their sequence positions ``[N]`` and the per-image layout."""
+    """Visual rows of one sample.
+
+    Attributes:
+        seq_pos: ``[N]`` long, sequence position of each visual row, in the order the layout describes
+            them (grid rows of each image first, extra rows such as newlines after them). The splice
+            keeps the sequence order whatever this order is.
+        layout: per-image layout (``sum(n_tokens) == N``).
+        drop: ``[M]`` long or ``None``, sequence positions removed before any operator runs (e.g.
+            LLaVA-NeXT newline rows with ``drop_newlines=True``); they are neither candidates nor counted.
+    """
 
     seq_pos: Tensor
     layout: tuple[ImageLayout, ...]
+    drop: Tensor | None = None
+
+
+@dataclass(frozen=True)
+class VisionInfo:
+    """What vision-stage operators (ToMe, ATS, HiRED, MustDrop) need to know about the encoder.
+
+    Attributes:
+        encoder: dotted attribute path of the vision tower from the top model (``"model.vision_tower"``).
+        blocks: dotted path of the ``nn.ModuleList`` of transformer blocks (resolve with
+            :meth:`Adapter.vision_blocks`).
+        num_blocks: number of blocks.
+        patch_size: pixels per patch side.
+        unit: the token unit operators keep or merge whole: ``"patch"`` (CLIP/SigLIP), ``"merge2x2"``
+            (Qwen2-VL PatchMerger: 2x2 patches -> 1 LLM token) or ``"pixel_shuffle2x2"`` (InternVL).
+        unit_patches: patches per unit (1 for ``"patch"``, 4 for the 2x2 units).
+        has_cls: the encoder prepends a CLS token (CLS-attention signals are available).
+        feature_layer: hidden-state index the projector reads (LLaVA: -2; ``None``: the last block).
+        attention: ``"full"`` (one image/tile per sequence), ``"varlen"`` (several images packed with
+            ``cu_seqlens``, Qwen2-VL) or ``"window+full"`` (Qwen2.5-VL: window attention except in
+            ``full_attention_blocks``).
+        full_attention_blocks: blocks with full attention when ``attention == "window+full"``.
+        unit_order: how rows are ordered before the LLM: ``"raster"`` (row-major grid) or
+            ``"merge_blocks"`` (Qwen: the encoder sees patches grouped by 2x2 unit).
+    """
+
+    encoder: str
+    blocks: str
+    num_blocks: int
+    patch_size: int
+    unit: str = "patch"
+    unit_patches: int = 1
+    has_cls: bool = False
+    feature_layer: int | None = None
+    attention: str = "full"
+    full_attention_blocks: tuple[int, ...] = ()
+    unit_order: str = "raster"
 
 
 class Adapter:
@@ -46,10 +93,24 @@ class Adapter:
     name: ClassVar[str] = "base"
     model_classes: ClassVar[tuple[str, ...]] = ()
     supported_stages: ClassVar[tuple[str, ...]] = ()
+    #: Whether the family has video inputs the ``pre_llm`` stage handles (frame groups in the layout).
+    supports_video: ClassVar[bool] = False
 
     def __init__(self, model: nn.Module):
         self.model = model
         self._handles: list[Any] = []
+
+    @property
+    def vision_info(self) -> VisionInfo:
+        """The vision encoder description (see :class:`VisionInfo`)."""
+        raise NotImplementedError(f"the {self.name} adapter does not describe its vision encoder")
+
+    def vision_blocks(self) -> nn.ModuleList:
+        """The encoder's transformer blocks (``vision_info.blocks`` resolved on this model)."""
+        mod: Any = self.model
+        for part in self.vision_info.blocks.split("."):
+            mod = getattr(mod, part)
+        return mod
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
@@ -73,12 +134,18 @@ class SpliceState:
     new_len: int  # prompt length after reduction (= cache length after prefill)
     mask: Tensor  # [B, new_len] attention mask of the reduced prompt
     shift: Tensor  # [B] long, subtracted from original position ids (0 unless positions="compact")
+    next_pos: Tensor  # [B] long, 1 + the largest ORIGINAL position id of each sample's valid prompt rows
 
 
 class SpliceAdapter(Adapter):
     """Adapters whose ``pre_llm`` stage splices reduced rows into the language model's input."""
 
     supported_stages: ClassVar[tuple[str, ...]] = ("pre_llm",)
+    #: Methods of :meth:`base_model` wrapped on the instance to see their arguments (grid metadata
+    #: such as ``image_grid_thw`` or ``image_sizes``); ``generate`` calls them BEFORE the first forward.
+    feature_methods: ClassVar[tuple[str, ...]] = ()
+    #: Keyword arguments of the base model's forward that carry grid metadata, captured when present.
+    metadata_kwargs: ClassVar[tuple[str, ...]] = ()
 
     # ------------------------------------------------------------------ family-specific
     def base_model(self) -> nn.Module:
@@ -93,23 +160,51 @@ class SpliceAdapter(Adapter):
         """Visual rows of one sample (``input_ids`` is ``[L]``)."""
         raise NotImplementedError
 
+    def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
+        """Visual rows of every sample of ``input_ids`` ``[B, L]``.
+
+        The default calls :meth:`visual_spans` per sample; families whose layout needs per-call
+        metadata shared by the batch (grids listed image after image over the whole batch) override it.
+        """
+        return [self.visual_spans(input_ids[b]) for b in range(input_ids.shape[0])]
+
     def default_positions(self, kwargs: dict[str, Any], batch: int, length: int, past: int, device) -> Tensor:
         """Position ids the language model would build itself when none are passed: ``[B, L]``."""
         return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, length)
+
+    def on_metadata(self, name: str, value: Any) -> None:
+        """Record grid metadata seen in a feature-method call or a base-model kwarg (``name`` is its name)."""
+        if value is not None:
+            self._metadata[name] = value
+
+    def decode_positions(self, kwargs: dict[str, Any], state: SpliceState, past: int) -> Tensor | None:
+        """Position ids for a cached base-model call made with ``position_ids=None`` (``[..., B, q]``).
+
+        Returning ``None`` lets the model build them (right for 1-D RoPE models, whose language-model
+        hook rebuilds them from the unpruned length). Families that derive decode positions from state
+        computed on the unpruned prompt (Qwen's ``rope_deltas``) override this.
+        """
+        return None
 
     # ------------------------------------------------------------------ hooks
     def install(self, reducer: Reducer) -> None:
         self.reducer = reducer
         self._input_ids: Tensor | None = None
         self._state: SpliceState | None = None
+        self._metadata: dict[str, Any] = {}
         self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
         self._handles.append(self.base_model().register_forward_pre_hook(self._base_hook, with_kwargs=True))
         self._handles.append(self.language_model().register_forward_pre_hook(self._lm_hook, with_kwargs=True))
+        self._handles.append(self.language_model().register_forward_hook(self._lm_post_hook))
+        base = self.base_model()
+        for name in self.feature_methods:
+            self._handles.append(_InstanceWrapper(base, name, self.on_metadata))
 
     def remove(self) -> None:
         super().remove()
         self._input_ids = None
         self._state = None
+        self._metadata = {}
 
     def _top_hook(self, module, args, kwargs):
         if kwargs.get("labels") is not None:
@@ -122,6 +217,24 @@ class SpliceAdapter(Adapter):
     def _base_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
         self._input_ids = ids
+        for name in self.metadata_kwargs:
+            self.on_metadata(name, kwargs.get(name))
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        st = self._state
+        if (
+            kwargs.get("position_ids") is None
+            and cache is not None
+            and st is not None
+            and st.cache_ref is not None
+            and st.cache_ref() is cache
+        ):
+            past = int(cache.get_seq_length())
+            if past > 0:
+                pos = self.decode_positions(kwargs, st, past)
+                if pos is not None:
+                    out = dict(kwargs)
+                    out["position_ids"] = pos
+                    return args, out
         return None
 
     def _lm_hook(self, module, args, kwargs):
@@ -136,6 +249,15 @@ class SpliceAdapter(Adapter):
         if past == 0:
             return args, self._prefill(kwargs, input_ids, cache)
         return args, self._decode(kwargs, cache, past)
+
+    def _lm_post_hook(self, module, args, output):
+        # The language model may create the cache itself (plain forward with use_cache): bind the
+        # reduced-prefill state to the cache it returns, so later calls with that cache decode correctly.
+        st = self._state
+        cache = getattr(output, "cache", None)
+        if st is not None and st.cache_ref is None and cache is not None:
+            st.cache_ref = weakref.ref(cache)
+        return None
 
     # ------------------------------------------------------------------ prefill
     def _prefill(self, kwargs: dict[str, Any], input_ids: Tensor | None, cache) -> dict[str, Any]:
@@ -159,13 +281,15 @@ class SpliceAdapter(Adapter):
             pos = self.default_positions(kwargs, bsz, length, 0, device)
         pos = pos.expand(*pos.shape[:-2], bsz, length) if pos.shape[-2] == 1 else pos
 
-        spans = [self.visual_spans(input_ids[b]) for b in range(bsz)]
+        spans = self.batch_spans(input_ids)
+        self._metadata = {}
         missing = [b for b, s in enumerate(spans) if len(s.seq_pos) == 0]
         if missing:
             raise ValueError(
-                f"no visual tokens found in sample(s) {missing} of this call; the {self.name} adapter looks for "
-                f"image token id {getattr(self, 'image_token_id', '?')}. A reduced model needs an image or video "
-                "in every prompt: unwrap it (vtr.unwrap) or use `with vtr.reduced(...)` around visual calls only."
+                f"no visual tokens found in sample(s) {missing} of this call; the {self.name} adapter looks "
+                f"for token id {getattr(self, 'image_token_id', '?')}. A reduced model needs an image or "
+                "video in every prompt: unwrap it (vtr.unwrap) or use `with vtr.reduced(...)` around visual "
+                "calls only."
             )
         reducer = self.reducer
         report = Report(original_tokens=[len(s.seq_pos) for s in spans])
@@ -180,6 +304,8 @@ class SpliceAdapter(Adapter):
             red = red.sorted()
             keep = torch.ones(length, dtype=torch.bool, device=device)
             keep[s.seq_pos] = False
+            if s.drop is not None:
+                keep[s.drop.to(device)] = False
             kept_pos = s.seq_pos[red.index]
             keep[kept_pos] = True
             e = embeds[b].clone()
@@ -204,12 +330,16 @@ class SpliceAdapter(Adapter):
             new_e[b, sl] = rows_e[b]
             new_m[b, sl] = rows_m[b]
             new_p[..., b, sl] = rows_p[b]
+        valid = mask.bool()
+        flat = pos.reshape(-1, bsz, length)
+        next_pos = (flat.masked_fill(~valid, -1).amax(dim=(0, 2)) + 1).clamp_min(0)
         self._state = SpliceState(
             cache_ref=weakref.ref(cache) if cache is not None else None,
             orig_len=length,
             new_len=new_len,
             mask=new_m,
             shift=torch.tensor(shifts, device=device),
+            next_pos=next_pos,
         )
         out = dict(kwargs)
         out.update(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p)
@@ -226,13 +356,18 @@ class SpliceAdapter(Adapter):
         out = dict(kwargs)
         mask = kwargs.get("attention_mask")
         grown = past - st.new_len  # tokens appended to the cache since the reduced prefill
-        if mask is not None:
+        if mask is None:
+            if not bool(st.mask.all()):
+                # Repacking added padding the caller does not know about: the mask must stay explicit.
+                ones = st.mask.new_ones(bsz, grown + q)
+                out["attention_mask"] = torch.cat([st.mask, ones], dim=1)
+        else:
             if mask.shape[-1] == st.orig_len + grown + q:
                 out["attention_mask"] = torch.cat([st.mask.to(mask.dtype), mask[:, st.orig_len :]], dim=1)
             elif mask.shape[-1] != past + q:
                 raise ValueError(
-                    f"attention mask has {mask.shape[-1]} columns; expected {st.orig_len + grown + q} (unreduced "
-                    f"prompt + new tokens) or {past + q} (reduced cache + new tokens)"
+                    f"attention mask has {mask.shape[-1]} columns; expected {st.orig_len + grown + q} "
+                    f"(unreduced prompt + new tokens) or {past + q} (reduced cache + new tokens)"
                 )
         pos = kwargs.get("position_ids")
         shift = st.shift.to(embeds.device)
@@ -242,3 +377,43 @@ class SpliceAdapter(Adapter):
         elif bool(shift.any()):
             out["position_ids"] = pos - shift.view(*([1] * (pos.ndim - 2)), -1, 1)
         return out
+
+
+class _InstanceWrapper:
+    """Wrap ``module.<name>`` on the instance so ``on_call(arg_name, value)`` sees every argument.
+
+    ``functools.wraps`` keeps the signature visible to ``inspect.signature`` (``generate`` picks the
+    arguments of ``get_image_features`` from it). ``remove()`` restores the previous attribute exactly.
+    """
+
+    def __init__(self, module: nn.Module, name: str, on_call) -> None:
+        import inspect
+
+        self.module = module
+        self.name = name
+        self.had_instance_attr = name in module.__dict__
+        self.previous = module.__dict__.get(name)
+        original = getattr(module, name)
+        sig = inspect.signature(original)
+
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            try:
+                bound = sig.bind_partial(*args, **kwargs)
+            except TypeError:
+                bound = None
+            if bound is not None:
+                for arg, value in bound.arguments.items():
+                    if arg != "kwargs":
+                        on_call(arg, value)
+                for arg, value in bound.arguments.get("kwargs", {}).items():
+                    on_call(arg, value)
+            return original(*args, **kwargs)
+
+        setattr(module, name, wrapper)
+
+    def remove(self) -> None:
+        if self.had_instance_attr:
+            setattr(self.module, self.name, self.previous)
+        else:
+            self.module.__dict__.pop(self.name, None)

@@ -6,8 +6,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-
 from vtr.adapters.base import SpliceAdapter, VisualSpans
+
 from vtr.tokens import ImageLayout
 
 __all__ = ["LlavaAdapter"]
@@ -47,8 +47,9 @@ class LlavaAdapter(SpliceAdapter):
                 "expanded by the model's processor (use the LlavaProcessor that matches this model)"
             )
         layout = tuple(
-            ImageLayout(offset=i * self.tokens_per_image, n_tokens=self.tokens_per_image,
-                        grids=((1, self.grid, self.grid),))
+            ImageLayout(
+                offset=i * self.tokens_per_image, n_tokens=self.tokens_per_image, grids=((1, self.grid, self.grid),)
+            )
             for i in range(n // self.tokens_per_image)
         )
         return VisualSpans(seq_pos=seq_pos, layout=layout)

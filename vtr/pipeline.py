@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Sequence
 
@@ -29,9 +30,8 @@ class Pipeline:
                 )
             if op.stage not in STAGES:
                 raise ValueError(f"{op.name} declares stage {op.stage!r}; allowed: {STAGES}")
-        order = [STAGES.index(op.stage) for op in ops]
-        for a, b, (pa, pb) in zip(ops, ops[1:], zip(order, order[1:], strict=False), strict=False):
-            if pb < pa:
+        for a, b in itertools.pairwise(ops):
+            if STAGES.index(b.stage) < STAGES.index(a.stage):
                 raise ValueError(
                     f"{b.name} (stage {b.stage!r}) cannot follow {a.name} (stage {a.stage!r}): "
                     f"stages must appear in the order {' -> '.join(STAGES)}"

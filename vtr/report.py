@@ -54,9 +54,7 @@ class Report:
             mask = after.image == i
             kept = sorted(int(v) - im.offset for v in after.index[mask].tolist())
             images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept))
-        self.records.append(
-            StageRecord(sample, stage, operator, len(before), len(after), seconds, images)
-        )
+        self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 
     @property
     def samples(self) -> int:

@@ -30,9 +30,7 @@ def validate_keep(keep: Any, name: str = "keep") -> int | float:
         return int(keep)
     keep = float(keep)
     if not 0.0 < keep <= 1.0:
-        raise ValueError(
-            f"{name} must be a float in (0, 1] (a ratio) or an int >= 1 (a count), got {keep!r}"
-        )
+        raise ValueError(f"{name} must be a float in (0, 1] (a ratio) or an int >= 1 (a count), got {keep!r}")
     return keep
 
 
@@ -118,7 +116,7 @@ class BudgetOperator(Operator):
         for _, pos in tokens.units(self.scope):
             unit = tokens.take(pos)
             # Ratios refer to the ORIGINAL count of the unit (merged tokens carry their sizes).
-            n_orig = int(round(float(unit.sizes.sum())))
+            n_orig = round(float(unit.sizes.sum()))
             k = min(resolve_keep(self.keep, max(n_orig, len(unit))), len(unit))
             parts.append(unit if k >= len(unit) else self.reduce(unit, k, ctx))
         if not parts:

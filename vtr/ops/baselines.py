@@ -109,7 +109,7 @@ def _grid_groups(unit: VisualTokens) -> list[tuple[tuple[int, int], Tensor, Tens
         mask = (key == torch.tensor(k, device=key.device)).all(dim=1)
         pos = mask.nonzero().flatten()
         im = unit.layout[k[0]]
-        t, h, w = im.grids[k[1]] if k[1] < len(im.grids) else (0, 0, 0)
+        _t, h, w = im.grids[k[1]] if k[1] < len(im.grids) else (0, 0, 0)
         # Unique coordinates only: rows beyond the grid (newlines) repeat a grid coordinate.
         co = unit.coords[pos]
         first = _first_occurrence(co[:, 1] * max(w, 1) + co[:, 2])

@@ -1,0 +1,108 @@
+"""The ``vtr`` command: run, recipes, and its error messages."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from vtr.cli import main
+
+SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
+
+
+def test_run_prints_both_answers_tokens_and_timings(capsys):
+    assert (
+        main(
+            [
+                "run",
+                "--image",
+                str(SAMPLE),
+                "--prompt",
+                "What colour is the circle?",
+                "--keep",
+                "0.25",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "baseline" in out and "reduced (divprune)" in out
+    tokens_line = next(line for line in out.splitlines() if line.startswith("visual tokens"))
+    before, after = tokens_line.split()[2], tokens_line.split()[3]
+    assert int(after) == round(0.25 * int(before))
+    assert "prefill ms" in out and "generate ms" in out and "answer" in out
+
+
+def test_run_with_yaml_recipe_and_compact_positions(capsys, tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("ops:\n  - op: Pool\n    keep: 0.25\n")
+    assert (
+        main(
+            [
+                "run",
+                "--image",
+                str(SAMPLE),
+                "--prompt",
+                "what ?",
+                "--recipe",
+                str(f),
+                "--positions",
+                "compact",
+                "--max-new-tokens",
+                "1",
+            ]
+        )
+        == 0
+    )
+    assert "Pool(keep=0.25" in capsys.readouterr().out
+
+
+def test_recipes_lists_names(capsys):
+    assert main(["recipes"]) == 0
+    out = capsys.readouterr().out
+    for name in ("divprune", "random", "pool"):
+        assert name in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--image", "missing.png"], "image file not found: missing.png"),
+        (["--recipe", "nope"], "unknown recipe 'nope'; available recipes: divprune"),
+    ],
+)
+def test_run_errors(capsys, argv, message):
+    base = {"--image": str(SAMPLE), "--prompt": "what ?"}
+    for k, v in zip(argv[::2], argv[1::2], strict=True):
+        base[k] = v
+    assert main(["run", *[x for kv in base.items() for x in kv]]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_corrupt_image(capsys, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"definitely not a png")
+    assert main(["run", "--image", str(bad), "--prompt", "what ?"]) == 2
+    assert f"cannot read image {bad}: not a valid image file" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("keep", "message"), [("0", "got 0"), ("1.5", "got 1.5"), ("x", "got 'x'")])
+def test_bad_keep(capsys, keep, message):
+    with pytest.raises(SystemExit) as exc:
+        main(["run", "--image", str(SAMPLE), "--prompt", "what ?", "--keep", keep])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--keep" in err and message in err
+
+
+def test_console_script_installed():
+    exe = shutil.which("vtr")
+    cmd = [exe] if exe else [sys.executable, "-m", "vtr.cli"]
+    res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "run" in res.stdout and "bench" in res.stdout

@@ -1,0 +1,92 @@
+"""Recipe registry, overrides and YAML loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+import vtr
+from vtr import recipes
+from vtr.ops import DivPrune, Pool, Random
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def test_builtin_names():
+    assert {"divprune", "random", "pool"} <= set(recipes.names())
+
+
+def test_get_applies_overrides():
+    (op,) = recipes.get("divprune", keep=0.5, scope="sample")
+    assert op == DivPrune(keep=0.5, scope="sample")
+
+
+def test_unknown_recipe_lists_available():
+    with pytest.raises(ValueError, match="unknown recipe 'nope'.*divprune"):
+        recipes.get("nope")
+
+
+def test_unknown_override_lists_accepted():
+    with pytest.raises(ValueError, match="unknown option 'alpha'.*accepted: keep, scope"):
+        recipes.get("divprune", alpha=1)
+
+
+def test_build_accepts_ops_and_positions():
+    rec = recipes.build([Pool(keep=0.5), Random(keep=0.2)], positions="compact", keep=0.3)
+    assert [op.keep for op in rec.ops] == [0.3, 0.3] and rec.positions == "compact"
+    with pytest.raises(ValueError, match="positions must be one of"):
+        recipes.build("divprune", positions="weird")
+    with pytest.raises(TypeError, match="recipe must be"):
+        recipes.build(42)
+
+
+def test_shipped_configs_load():
+    files = sorted(CONFIGS.glob("*.yaml"))
+    assert files, "configs/ should ship example recipes"
+    for f in files:
+        rec = vtr.load_recipe(f)
+        assert rec.ops
+
+
+def test_yaml_chain(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("name: mine\npositions: compact\nops:\n  - op: Pool\n    keep: 0.5\n  - op: DivPrune\n    keep: 16\n")
+    rec = vtr.load_recipe(f)
+    assert rec.ops == [Pool(keep=0.5), DivPrune(keep=16)] and rec.positions == "compact" and rec.name == "mine"
+
+
+def test_yaml_named_recipe_with_overrides(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("recipe: random\noverrides:\n  keep: 0.1\n  seed: 3\n")
+    assert vtr.load_recipe(f).ops == [Random(keep=0.1, seed=3)]
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("recipe: divprune\nbudget: 3\n", r"unknown key\(s\) \['budget'\]; allowed keys: \['name'"),
+        ("ops:\n  - op: DivPrune\n    kep: 0.1\n", r"unknown key\(s\) \['kep'\]; allowed keys: \['keep', 'scope'"),
+        ("ops:\n  - op: FooPrune\n", r"unknown operator 'FooPrune'; allowed: \["),
+        ("ops:\n  - op: DivPrune\n    keep: 2.0\n", r"keep must be a float in \(0, 1\].*2.0"),
+        ("- 1\n- 2\n", "must hold a mapping"),
+        ("recipe: divprune\nops: []\n", "exactly one of 'ops'"),
+    ],
+)
+def test_yaml_errors(tmp_path, text, match):
+    f = tmp_path / "bad.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        vtr.load_recipe(f)
+
+
+def test_yaml_is_safe_loaded(tmp_path):
+    f = tmp_path / "evil.yaml"
+    f.write_text("recipe: !!python/object/apply:os.system ['echo hi']\n")
+    with pytest.raises(Exception, match="could not determine a constructor|ConstructorError|python/object"):
+        vtr.load_recipe(f)
+
+
+def test_missing_file():
+    with pytest.raises(FileNotFoundError, match="recipe file not found"):
+        vtr.load_recipe("no/such/file.yaml")

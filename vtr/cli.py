@@ -1,0 +1,160 @@
+"""The ``vtr`` command: ``run``, ``recipes``, ``bench``.
+
+Every command defaults to the bundled tiny model in ``assets/`` so it works offline; ``--model`` takes a
+Hugging Face id or a local path for real use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+import time
+from collections.abc import Sequence
+
+__all__ = ["main"]
+
+
+def _keep(text: str) -> int | float:
+    """Parse ``--keep``: an int count (``64``) or a float ratio (``0.25``)."""
+    try:
+        value: int | float = int(text)
+    except ValueError:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"--keep must be an int >= 1 (count) or a float in (0, 1] (ratio), got {text!r}"
+            ) from None
+    from vtr.ops.base import validate_keep
+
+    try:
+        return validate_keep(value, "--keep")
+    except (TypeError, ValueError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="vtr", description="Training-free visual token reduction for VLMs.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    run = sub.add_parser("run", help="answer one prompt about an image, baseline and reduced side by side")
+    run.add_argument("--image", required=True, help="path to an image file")
+    run.add_argument("--prompt", required=True, help="question or instruction about the image")
+    run.add_argument("--model", default=None, help="Hugging Face id or local path (default: bundled tiny model)")
+    run.add_argument("--recipe", default="divprune", help="recipe name or YAML path (see `vtr recipes`)")
+    run.add_argument("--keep", type=_keep, default=None, help="budget: int count or float ratio (recipe default)")
+    run.add_argument("--positions", choices=("original", "compact"), default=None, help="position ids of kept tokens")
+    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
+    run.add_argument("--device", default="cpu")
+
+    sub.add_parser("recipes", help="list the named recipes")
+
+    bench = sub.add_parser("bench", help="quality and speed benchmarks")
+    bench_sub = bench.add_subparsers(dest="bench", required=True)
+    from vtr.bench import BENCHMARKS
+
+    for name in BENCHMARKS:
+        mod = _bench_module(name)
+        p = bench_sub.add_parser(name, help=(mod.__doc__ or "").strip().splitlines()[0] if mod else name)
+        if mod is not None:
+            mod.add_arguments(p)
+    return parser
+
+
+def _bench_module(name: str):
+    try:
+        return importlib.import_module(f"vtr.bench.{name}")
+    except ModuleNotFoundError as exc:
+        if exc.name == f"vtr.bench.{name}":
+            return None
+        raise
+
+
+def _cmd_recipes() -> int:
+    from vtr import recipes
+
+    width = max(len(n) for n in recipes.names())
+    for name, desc in recipes.describe().items():
+        ops = ", ".join(repr(op) for op in recipes.get(name))
+        print(f"{name:<{width}}  {desc}\n{'':<{width}}  {ops}")
+    return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    import torch
+
+    import vtr
+    from vtr.media import load_image
+    from vtr.models import load_model
+
+    image = load_image(args.image)
+    overrides = {}
+    if args.keep is not None:
+        overrides["keep"] = args.keep
+    if args.positions is not None:
+        overrides["positions"] = args.positions
+    vtr.recipes.build(args.recipe, **overrides)  # validate before loading the model
+    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+    text = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
+    prompt_len = inputs["input_ids"].shape[1]
+
+    def answer() -> tuple[str, float, float]:
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            model(**inputs, use_cache=False, logits_to_keep=1)
+            t1 = time.perf_counter()
+            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            t2 = time.perf_counter()
+        return processor.decode(out[0, prompt_len:], skip_special_tokens=True).strip(), t1 - t0, t2 - t1
+
+    with torch.inference_mode():  # warm-up, so neither side pays first-call costs
+        model(**inputs, use_cache=False, logits_to_keep=1)
+    base_answer, base_prefill, base_gen = answer()
+    with vtr.reduced(model, args.recipe, **overrides):
+        red_answer, red_prefill, red_gen = answer()
+        report = model.vtr.report
+        recipe_desc = ", ".join(repr(op) for op in model.vtr.recipe.ops)
+    n_before, n_after = report.original_tokens[0], report.tokens_out(0)
+    rows = [
+        ("", "baseline", f"reduced ({args.recipe})"),
+        ("answer", base_answer or "(empty)", red_answer or "(empty)"),
+        ("visual tokens", str(n_before), f"{n_after} ({100 * n_after / max(n_before, 1):.1f}%)"),
+        ("prefill ms", f"{base_prefill * 1e3:.1f}", f"{red_prefill * 1e3:.1f}"),
+        ("generate ms", f"{base_gen * 1e3:.1f}", f"{red_gen * 1e3:.1f}"),
+    ]
+    w0 = max(len(r[0]) for r in rows)
+    w1 = max(len(r[1]) for r in rows)
+    print(f"model: {args.model or 'bundled tiny model'}   recipe: {recipe_desc}")
+    print(f"prompt: {args.prompt}")
+    for a, b, c in rows:
+        print(f"{a:<{w0}}  {b:<{w1}}  {c}")
+    print(f"operator time: {report.operator_seconds * 1e3:.2f} ms")
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``vtr`` console script."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "recipes":
+            return _cmd_recipes()
+        if args.command == "run":
+            return _cmd_run(args)
+        if args.command == "bench":
+            mod = _bench_module(args.bench)
+            if mod is None:
+                print(f"vtr bench {args.bench}: not available in this installation", file=sys.stderr)
+                return 2
+            return int(mod.run(args) or 0)
+    except (FileNotFoundError, ValueError, TypeError) as exc:
+        print(f"vtr: error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
