@@ -137,9 +137,7 @@ def _check_tokens(name: str, t: Tensor) -> None:
 
 def _check_pair(a: Tensor, b: Tensor) -> None:
     if a.ndim != b.ndim or a.shape[-1] != b.shape[-1] or (a.ndim == 3 and a.shape[0] != b.shape[0]):
-        raise ValueError(
-            f"a and b must share rank, batch and feature dim, got {tuple(a.shape)} and {tuple(b.shape)}"
-        )
+        raise ValueError(f"a and b must share rank, batch and feature dim, got {tuple(a.shape)} and {tuple(b.shape)}")
     if a.device != b.device:
         raise ValueError(f"a and b must be on the same device, got {a.device} and {b.device}")
 

@@ -24,9 +24,21 @@ INTERPRETED = interpreter_enabled()
 #: above, every greedy step recomputes its distance row from the unit vectors instead.
 MAX_DIST_BYTES = 1 << 30
 
+# The interpreter maps tl.dot to numpy BLAS, whose rounding depends on the output position, so identical
+# rows would not tie exactly; it uses a position-independent multiply-and-sum instead. On the GPU the fp32
+# "ieee" dot is a per-element FMA chain in k order, which is position-independent already.
+_USE_DOT = not INTERPRETED
 _BM, _BN, _BK = 32, 32, 32  # tile sizes of the similarity kernels (tl.dot needs >= 16)
 _GREEDY_BLOCK = 1024  # columns per iteration of the single-program greedy kernel
 _GREEDY_BK = 32
+
+
+@triton.jit
+def _mm(x, y, acc, USE_DOT: tl.constexpr):
+    """acc + x @ y^T for fp32 tiles x [BM, BK], y [BN, BK] with full fp32 products."""
+    if USE_DOT:
+        return tl.dot(x, tl.trans(y), acc, input_precision="ieee")
+    return acc + tl.sum(x[:, None, :] * y[None, :, :], axis=2)
 
 
 @triton.jit
@@ -34,7 +46,7 @@ def _cosine_kernel(
     a_ptr, b_ptr, out_ptr, M, N, D,
     s_ab, s_am, s_ad, s_bb, s_bn, s_bd, s_ob, s_om, s_on,
     eps,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
     """out[b, i, j] = <a_i, b_j> / (max(|a_i|, eps) max(|b_j|, eps)); one [BM, BN] tile per program."""
     pid_m, pid_n, pid_b = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -55,7 +67,7 @@ def _cosine_kernel(
             b_base + cols[:, None].to(tl.int64) * s_bn + ks[None, :] * s_bd,
             mask=(cols[:, None] < N) & (ks[None, :] < D), other=0.0,
         ).to(tl.float32)  # fmt: skip
-        acc = tl.dot(at, tl.trans(bt), acc, input_precision="ieee")
+        acc = _mm(at, bt, acc, USE_DOT)
         # Norms are accumulated in the same pass: the inputs are read once.
         na += tl.sum(at * at, axis=1)
         nb += tl.sum(bt * bt, axis=1)
@@ -68,7 +80,7 @@ def _cosine_kernel(
 
 @triton.jit
 def _dot_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, D, s_x, s_y, BM: tl.constexpr, BN: tl.constexpr,
-              BK: tl.constexpr):  # fmt: skip
+              BK: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
     """[BM, BN] fp32 tile of x[rows] @ y[cols]^T for row-major fp32 x, y (row strides s_x, s_y)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
@@ -77,7 +89,7 @@ def _dot_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, D, s_x, s_y, BM: tl.cons
                      mask=(rows[:, None] < n_rows) & (ks[None, :] < D), other=0.0)  # fmt: skip
         yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * s_y + ks[None, :],
                      mask=(cols[:, None] < n_cols) & (ks[None, :] < D), other=0.0)  # fmt: skip
-        acc = tl.dot(xt, tl.trans(yt), acc, input_precision="ieee")
+        acc = _mm(xt, yt, acc, USE_DOT)
     return acc
 
 
@@ -86,7 +98,7 @@ def _best_match_kernel(
     ua_ptr, ub_ptr, am_ptr, bm_ptr, val_ptr, idx_ptr, Na, Nb, D,
     s_ab, s_am, s_bb, s_bn,
     HAS_AMASK: tl.constexpr, HAS_BMASK: tl.constexpr,
-    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
     """Row max / first argmax of ua[b] @ ub[b]^T for BM rows, streaming over column tiles."""
     pid_m, pid_b = tl.program_id(0), tl.program_id(1)
@@ -97,7 +109,7 @@ def _best_match_kernel(
     best_idx = tl.zeros((BM,), dtype=tl.int32)
     for n0 in range(0, Nb, BN):
         cols = n0 + tl.arange(0, BN)
-        s = _dot_tile(ua, ub, rows, cols, Na, Nb, D, s_am, s_bn, BM, BN, BK)
+        s = _dot_tile(ua, ub, rows, cols, Na, Nb, D, s_am, s_bn, BM, BN, BK, USE_DOT)
         ok = cols < Nb
         if HAS_BMASK:
             ok = ok & (tl.load(bm_ptr + pid_b * Nb + cols, mask=cols < Nb, other=0) != 0)
@@ -120,13 +132,13 @@ def _best_match_kernel(
 
 @triton.jit
 def _nn_kernel(u_ptr, dist_ptr, nn_ptr, M, D, s_u, s_dist, WRITE_DIST: tl.constexpr,
-               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):  # fmt: skip
+               BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
     """Nearest-neighbour cosine distance (self excluded) of BM rows; optionally store their distance rows."""
     rows = tl.program_id(0) * BM + tl.arange(0, BM)
     nn = tl.full((BM,), float("inf"), tl.float32)
     for n0 in range(0, M, BN):
         cols = n0 + tl.arange(0, BN)
-        d = tl.maximum(1.0 - _dot_tile(u_ptr, u_ptr, rows, cols, M, M, D, s_u, s_u, BM, BN, BK), 0.0)
+        d = tl.maximum(1.0 - _dot_tile(u_ptr, u_ptr, rows, cols, M, M, D, s_u, s_u, BM, BN, BK, USE_DOT), 0.0)
         if WRITE_DIST:
             tl.store(dist_ptr + rows[:, None].to(tl.int64) * s_dist + cols[None, :], d,
                      mask=(rows[:, None] < M) & (cols[None, :] < M))  # fmt: skip
@@ -198,14 +210,12 @@ def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
     out = torch.empty(bsz, m, n, device=a.device, dtype=torch.float32)
     grid = (triton.cdiv(m, _BM), triton.cdiv(n, _BN), bsz)
     _cosine_kernel[grid](
-        a, b, out, m, n, d, *a.stride(), *b.stride(), *out.stride(), EPS, BM=_BM, BN=_BN, BK=_BK
+        a, b, out, m, n, d, *a.stride(), *b.stride(), *out.stride(), EPS, BM=_BM, BN=_BN, BK=_BK, USE_DOT=_USE_DOT
     )
     return out
 
 
-def bipartite_best_match(
-    a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Tensor | None
-) -> tuple[Tensor, Tensor]:
+def bipartite_best_match(a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Tensor | None) -> tuple[Tensor, Tensor]:
     """``[B, Na, D] x [B, Nb, D] -> (values [B, Na] fp32, indices [B, Na] int64)``, no Na x Nb matrix."""
     ua, ub = normalise(a).contiguous(), normalise(b).contiguous()
     bsz, na, d = ua.shape
@@ -216,7 +226,7 @@ def bipartite_best_match(
     bm = b_mask.to(torch.int8).contiguous() if b_mask is not None else values
     _best_match_kernel[(triton.cdiv(na, _BM), bsz)](
         ua, ub, am, bm, values, indices, na, nb, d, ua.stride(0), ua.stride(1), ub.stride(0), ub.stride(1),
-        HAS_AMASK=a_mask is not None, HAS_BMASK=b_mask is not None, BM=_BM, BN=_BN, BK=_BK,
+        HAS_AMASK=a_mask is not None, HAS_BMASK=b_mask is not None, BM=_BM, BN=_BN, BK=_BK, USE_DOT=_USE_DOT,
     )  # fmt: skip
     return values, indices.long()
 
@@ -233,7 +243,18 @@ def maxmin_select(x: Tensor, k: int) -> Tensor:
     dist = torch.empty(m, m, device=u.device, dtype=torch.float32) if write_dist else u  # dummy if unused
     nn = torch.empty(m, device=u.device, dtype=torch.float32)
     _nn_kernel[(triton.cdiv(m, _BM),)](
-        u, dist, nn, m, d, u.stride(0), dist.stride(0), WRITE_DIST=write_dist, BM=_BM, BN=_BN, BK=_BK
+        u,
+        dist,
+        nn,
+        m,
+        d,
+        u.stride(0),
+        dist.stride(0),
+        WRITE_DIST=write_dist,
+        BM=_BM,
+        BN=_BN,
+        BK=_BK,
+        USE_DOT=_USE_DOT,
     )
     mind = torch.full((m,), float("inf"), device=u.device, dtype=torch.float32)
     sel = torch.empty(k, device=u.device, dtype=torch.int32)
