@@ -1,0 +1,73 @@
+"""Analytic FLOPs and wall-clock measurement helpers (baseline vs reduced, as ratios in one run)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+__all__ = ["decoder_prefill_flops", "interleaved_medians", "median_seconds", "vit_flops"]
+
+
+def _mlp_matrices(cfg: Any) -> int:
+    # Gated MLPs (Llama/Qwen: gate, up, down) have three hidden x intermediate matrices, plain MLPs two.
+    gated = getattr(cfg, "hidden_act", "gelu") in ("silu", "swiglu") or hasattr(cfg, "mlp_bias")
+    return 3 if gated else 2
+
+
+def decoder_prefill_flops(cfg: Any, n_tokens: int) -> float:
+    """FLOPs of a decoder-only LM prefill over ``n_tokens`` (2 FLOPs per multiply-add).
+
+    Counts the q/k/v/o projections, the MLP, attention scores and the weighted sum (causal: half of the
+    square), and the LM head for the last position only. Norms and RoPE are ignored (< 1%).
+    """
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    proj = 2 * n_tokens * (h * heads * head_dim * 2 + h * kv * head_dim * 2)
+    mlp = 2 * n_tokens * h * i * _mlp_matrices(cfg)
+    attn = 2 * 2 * heads * head_dim * n_tokens * (n_tokens + 1) / 2
+    head = 2 * h * cfg.vocab_size
+    return float(layers * (proj + mlp + attn) + head)
+
+
+def vit_flops(cfg: Any, n_tokens: int, layers: int | None = None) -> float:
+    """FLOPs of ``layers`` (default: all) bidirectional ViT blocks over ``n_tokens`` tokens."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layers = cfg.num_hidden_layers if layers is None else layers
+    proj = 2 * n_tokens * 4 * h * h
+    mlp = 2 * n_tokens * 2 * h * i
+    attn = 2 * 2 * h * n_tokens * n_tokens
+    return float(layers * (proj + mlp + attn))
+
+
+def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (inference mode)."""
+    with torch.inference_mode():
+        for _ in range(warmup):
+            fn()
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def interleaved_medians(fns: list[Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> list[float]:
+    """Median wall time of each function, timing them round-robin so background load affects all alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    with torch.inference_mode():
+        for _ in range(warmup):
+            for fn in fns:
+                fn()
+        for _ in range(repeats):
+            for i, fn in enumerate(fns):
+                t0 = time.perf_counter()
+                fn()
+                times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
