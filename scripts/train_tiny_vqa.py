@@ -230,6 +230,16 @@ def lr_at(step: int, total: int, peak: float, warmup: int = 150, decay_from: flo
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, t))))
 
 
+def lr_at_progress(p: float, s2: int, peak: float, warmup: int = 150, decay_from: float = 0.7) -> float:
+    """Like :func:`lr_at` but driven by run progress ``p`` in [0, 1] (steps or clock, whichever is ahead)."""
+    if s2 < warmup:
+        return peak * (s2 + 1) / warmup
+    if p < decay_from:
+        return peak
+    t = min(1.0, (p - decay_from) / (1.0 - decay_from))
+    return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny-vqa-llava"))
@@ -246,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=500)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--budget-min", type=float, default=None,
+        help="wall-clock budget in minutes: stages end and the LR decays by whichever comes first, the step "
+        "counts or the clock (for shared CPUs; data stay a function of the step, timing does not)",
+    )
+    ap.add_argument("--pretrain-frac", type=float, default=0.12, help="budget share of the tower-only stage")
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
@@ -261,7 +277,11 @@ def main(argv: list[str] | None = None) -> int:
     tower_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt_pre = torch.optim.AdamW(tower_params, lr=1e-3, weight_decay=0.01)
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
-    step = 0  # global: [0, pretrain) tower only, then full
+    step = 0  # global: [0, pre_end) tower only, then full
+    pre_end = args.pretrain_steps
+    elapsed0 = 0.0  # wall seconds spent before a --resume
+    full_t0: float | None = None  # elapsed seconds when the full stage began
+    budget = None if args.budget_min is None else 60.0 * args.budget_min
     best = -1.0
     ckpt = work / "ckpt.pt"
     if args.resume and ckpt.is_file():
@@ -271,23 +291,42 @@ def main(argv: list[str] | None = None) -> int:
         opt_pre.load_state_dict(state["opt_pre"])
         opt.load_state_dict(state["opt"])
         step, best = state["step"], state["best"]
+        elapsed0 = state.get("elapsed", 0.0)
+        pre_end = state.get("pre_end", pre_end)
+        full_t0 = state.get("full_t0", full_t0)
         print(f"resumed at step {step} (best val {best:.3f})", flush=True)
     val = synthqa.split("validation", args.eval_n)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
     model.train()
-    total = args.pretrain_steps + args.steps
-    t0 = time.time()
+    t0 = time.time() - elapsed0
+
+    def clock() -> float:
+        return time.time() - t0
+
+    def full_progress(s2: int) -> float:
+        p = s2 / args.steps
+        if budget is not None and full_t0 is not None:
+            p = max(p, (clock() - full_t0) / max(1.0, budget - full_t0))
+        return p
+
     run_loss = run_aux = run_acc = 0.0
     n_log = 0
-    while step < total:
-        if step < args.pretrain_steps:
+    while True:
+        if step < pre_end and budget is not None and clock() > args.pretrain_frac * budget:
+            pre_end = step
+            print(f"pretraining stage ends at step {step} (time budget)", flush=True)
+        if step >= pre_end and full_t0 is None:
+            full_t0 = clock()
+        if step >= pre_end and full_progress(step - pre_end) >= 1.0:
+            break
+        if step < pre_end:
             rng = np.random.default_rng([args.seed, 55, step])
             scenes = [synthqa.make_scene(rng) for _ in range(args.pretrain_batch)]
             pv = pixels([s.image for s in scenes])
             pc = torch.from_numpy(np.stack([s.patch_colour.flatten() for s in scenes]))
             ps = torch.from_numpy(np.stack([s.patch_shape.flatten() for s in scenes]))
             for g in opt_pre.param_groups:
-                g["lr"] = lr_at(step, args.pretrain_steps, 1e-3, warmup=50, decay_from=0.9)
+                g["lr"] = lr_at(step, args.pretrain_steps, 1e-3, warmup=50, decay_from=1.0)
             with autocast:
                 aux, info = heads.loss(tower_features(model, pv), pc, ps)
             opt_pre.zero_grad(set_to_none=True)
@@ -296,12 +335,12 @@ def main(argv: list[str] | None = None) -> int:
             opt_pre.step()
             loss_v = 0.0
         else:
-            s2 = step - args.pretrain_steps
+            s2 = step - pre_end
             pv, pc, ps, ids, mask, (rows, cols, ys) = batcher.train_batch(
                 s2, args.seed, args.batch, args.qpi, TYPE_WEIGHTS
             )
             for g in opt.param_groups:
-                g["lr"] = lr_at(s2, args.steps, args.lr)
+                g["lr"] = lr_at_progress(full_progress(s2), s2, args.lr)
             with autocast:
                 feats = tower_features(model, pv)
                 aux, info = heads.loss(feats, pc, ps)
@@ -321,16 +360,14 @@ def main(argv: list[str] | None = None) -> int:
         if step % 20 == 0:
             el = time.time() - t0
             print(
-                f"step {step}/{total} {'pre' if step <= args.pretrain_steps else 'full'} "
+                f"step {step} {'pre' if step <= pre_end else 'full'} lr {opt.param_groups[0]['lr']:.2e} "
                 f"loss {run_loss / n_log:.4f} aux {run_aux / n_log:.4f} train_acc {run_acc / n_log:.3f} "
                 f"aux_obj_acc {info['aux_obj_acc']:.3f} elapsed {el / 60:.1f} min",
                 flush=True,
             )
             run_loss = run_aux = run_acc = 0.0
             n_log = 0
-        do_eval = step > args.pretrain_steps and (
-            (step - args.pretrain_steps) % args.eval_every == 0 or step == total
-        )
+        do_eval = step > pre_end and (step - pre_end) % args.eval_every == 0
         if do_eval:
             res = evaluate(model, batcher, val)
             print("eval " + json.dumps({"step": step, **{k: round(v, 3) for k, v in res.items()}}), flush=True)
@@ -338,14 +375,17 @@ def main(argv: list[str] | None = None) -> int:
                 best = res["overall"]
                 export(model, processor, work / "best")
                 print(f"new best {best:.3f} exported to {work / 'best'}", flush=True)
-        if step % args.ckpt_every == 0 or step == total:
+        if step % args.ckpt_every == 0:
             tmp = work / "ckpt.pt.tmp"
             torch.save(
                 {"model": model.state_dict(), "heads": heads.state_dict(), "opt_pre": opt_pre.state_dict(),
-                 "opt": opt.state_dict(), "step": step, "best": best},
+                 "opt": opt.state_dict(), "step": step, "best": best, "elapsed": clock(),
+                 "pre_end": pre_end, "full_t0": full_t0},
                 tmp,
             )
             tmp.replace(ckpt)
+    res = evaluate(model, batcher, val)
+    print("eval " + json.dumps({"step": step, "final": True, **{k: round(v, 3) for k, v in res.items()}}), flush=True)
     export(model, processor, work / "final")
     out = Path(args.out)
     if out.exists():
