@@ -18,6 +18,8 @@ __all__ = [
     "EPS",
     "bipartite_best_match_torch",
     "cosine_similarity_torch",
+    "maxmin_greedy_torch",
+    "maxmin_prepare_torch",
     "maxmin_select_torch",
     "normalise",
 ]
@@ -97,14 +99,29 @@ def maxmin_select_torch(
     m = x.shape[0]
     if k >= m:
         return torch.arange(m, device=x.device)
+    row, seed = maxmin_prepare_torch(x, dense_max=dense_max, block_rows=block_rows)
+    return maxmin_greedy_torch(row, seed, k, m, x.device)
+
+
+def maxmin_prepare_torch(
+    x: Tensor, *, dense_max: int = DENSE_MAX_TOKENS, block_rows: int = BLOCK_ROWS
+) -> tuple[Callable[[int], Tensor], int]:
+    """Similarity phase of :func:`maxmin_select_torch` for ``x [M, D]`` (``M >= 2``).
+
+    Returns:
+        ``row``: ``row(s)`` is the fp32 distance row ``D[s, :]`` ``[M]`` (a view of the materialised matrix
+        for ``M <= dense_max``, recomputed from the unit vectors above), and ``seed``: the most isolated
+        token (first maximum of the nearest-neighbour distance, self excluded).
+    """
+    m = x.shape[0]
     u = normalise(x)
     if m <= dense_max:
         dist = torch.clamp(1.0 - u @ u.T, min=0.0)
         dist.fill_diagonal_(float("inf"))
         seed = int(torch.argmax(dist.min(dim=1).values))
-        return _greedy(lambda s: dist[s], seed, k, m, x.device)
+        return (lambda s: dist[s]), seed
     seed = _seed_blocked(u, block_rows)
-    return _greedy(lambda s: torch.clamp(1.0 - u @ u[s], min=0.0), seed, k, m, x.device)
+    return (lambda s: torch.clamp(1.0 - u @ u[s], min=0.0)), seed
 
 
 def _seed_blocked(u: Tensor, block_rows: int) -> int:
@@ -120,8 +137,11 @@ def _seed_blocked(u: Tensor, block_rows: int) -> int:
     return int(torch.argmax(nn))
 
 
-def _greedy(row: Callable[[int], Tensor], seed: int, k: int, m: int, device: torch.device) -> Tensor:
-    """Grow the selection from ``seed`` to ``k`` picks; ``row(s)`` is the distance row ``D[s, :]`` ``[M]``."""
+def maxmin_greedy_torch(row: Callable[[int], Tensor], seed: int, k: int, m: int, device: torch.device) -> Tensor:
+    """Greedy phase: grow the selection from ``seed`` to ``k < m`` picks, ``[k]`` int64 ascending.
+
+    ``row(s)`` is the distance row ``D[s, :]`` ``[m]``; ``m_j = min_{s in S} D[s, j]`` is kept incrementally.
+    """
     selected = torch.empty(k, dtype=torch.long, device=device)
     selected[0] = seed
     # row(seed) may be a view of the shared matrix; copy before editing. The diagonal entry of row(s) is

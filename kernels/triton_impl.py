@@ -16,7 +16,15 @@ from torch import Tensor
 from vtr.kernels.dispatch import interpreter_enabled
 from vtr.kernels.torch_impl import EPS, normalise
 
-__all__ = ["INTERPRETED", "MAX_DIST_BYTES", "bipartite_best_match", "cosine_similarity", "maxmin_select"]
+__all__ = [
+    "INTERPRETED",
+    "MAX_DIST_BYTES",
+    "bipartite_best_match",
+    "cosine_similarity",
+    "maxmin_greedy",
+    "maxmin_prepare",
+    "maxmin_select",
+]
 
 #: Decoration mode of this module's kernels (checked by the dispatcher before reuse).
 INTERPRETED = interpreter_enabled()
@@ -234,32 +242,35 @@ def bipartite_best_match(a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Te
 def maxmin_select(x: Tensor, k: int) -> Tensor:
     """DivPrune max-min selection for validated ``x [M, D]`` and ``1 <= k < M``: ``[k]`` ascending int64.
 
-    Three launches whatever ``k``: nearest-neighbour distances (and the distance matrix when it fits in
-    ``MAX_DIST_BYTES``), the single-program greedy loop, and the final sort.
+    Three launches whatever ``k`` (besides the torch normalisation and scratch buffers): nearest-neighbour
+    distances (and the distance matrix when it fits in ``MAX_DIST_BYTES``), the single-program greedy loop,
+    and the final sort.
     """
+    return maxmin_greedy(maxmin_prepare(x), k)
+
+
+def maxmin_prepare(x: Tensor) -> tuple[Tensor, Tensor, Tensor, bool]:
+    """Similarity phase: ``(u [M, D] fp32 unit rows, dist [M, M] or dummy, nn [M], has_dist)``."""
     u = normalise(x).contiguous()
     m, d = u.shape
-    write_dist = m * m * 4 <= MAX_DIST_BYTES
-    dist = torch.empty(m, m, device=u.device, dtype=torch.float32) if write_dist else u  # dummy if unused
+    has_dist = m * m * 4 <= MAX_DIST_BYTES
+    dist = torch.empty(m, m, device=u.device, dtype=torch.float32) if has_dist else u  # dummy if unused
     nn = torch.empty(m, device=u.device, dtype=torch.float32)
     _nn_kernel[(triton.cdiv(m, _BM),)](
-        u,
-        dist,
-        nn,
-        m,
-        d,
-        u.stride(0),
-        dist.stride(0),
-        WRITE_DIST=write_dist,
-        BM=_BM,
-        BN=_BN,
-        BK=_BK,
-        USE_DOT=_USE_DOT,
-    )
+        u, dist, nn, m, d, u.stride(0), dist.stride(0),
+        WRITE_DIST=has_dist, BM=_BM, BN=_BN, BK=_BK, USE_DOT=_USE_DOT,
+    )  # fmt: skip
+    return u, dist, nn, has_dist
+
+
+def maxmin_greedy(state: tuple[Tensor, Tensor, Tensor, bool], k: int) -> Tensor:
+    """Greedy phase on the output of :func:`maxmin_prepare`: seed + ``k - 1`` steps in one program."""
+    u, dist, nn, has_dist = state
+    m, d = u.shape
     mind = torch.full((m,), float("inf"), device=u.device, dtype=torch.float32)
     sel = torch.empty(k, device=u.device, dtype=torch.int32)
     _greedy_kernel[(1,)](
         u, dist, nn, mind, sel, m, d, k, u.stride(0), dist.stride(0),
-        HAS_DIST=write_dist, BLOCK=_GREEDY_BLOCK, BK=_GREEDY_BK, num_warps=16,
+        HAS_DIST=has_dist, BLOCK=_GREEDY_BLOCK, BK=_GREEDY_BK, num_warps=16,
     )  # fmt: skip
     return torch.sort(sel.long()).values
