@@ -308,3 +308,17 @@ def test_chain_pool_then_divprune(llava, make_inputs):
     greedy(model, make_inputs([("what ?", 1)]), n=1)
     recs = model.vtr.report.records
     assert [(r.operator, r.tokens_in, r.tokens_out) for r in recs] == [("Pool", 256, 128), ("DivPrune", 128, 32)]
+
+
+def test_beam_search_identity_and_reduced(llava, make_inputs):
+    model, _ = llava
+    inputs = make_inputs([("what ?", 1), ("is there a red circle ?", 2)])
+    with torch.no_grad():
+        ref = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        with vtr.reduced(model, "divprune", keep=1.0):
+            same = model.generate(**inputs, max_new_tokens=4, num_beams=3, do_sample=False)
+        with vtr.reduced(model, "divprune", keep=0.25):
+            out = model.generate(**inputs, max_new_tokens=4, num_beams=3, num_return_sequences=2, do_sample=False)
+            assert model.vtr.report.tokens_out(0) == 64
+    assert torch.equal(ref, same)
+    assert out.shape == (4, inputs["input_ids"].shape[1] + 4)
