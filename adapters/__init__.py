@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 from torch import nn
-
-from vtr.adapters.base import Adapter, SpliceAdapter, VisualSpans
+from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
 from vtr.adapters.llava import LlavaAdapter
+from vtr.adapters.qwen2_vl import Qwen2VLAdapter
 
-__all__ = ["ADAPTERS", "Adapter", "LlavaAdapter", "SpliceAdapter", "VisualSpans", "adapter_for", "supported_classes"]
+__all__ = [
+    "ADAPTERS",
+    "Adapter",
+    "LlavaAdapter",
+    "Qwen2VLAdapter",
+    "SpliceAdapter",
+    "VisionInfo",
+    "VisualSpans",
+    "adapter_for",
+    "supported_classes",
+]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter]
 
 
 def supported_classes() -> list[str]:

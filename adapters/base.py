@@ -300,6 +300,7 @@ class SpliceAdapter(Adapter):
 
         compact = reducer.recipe.positions == "compact"
         rows_e, rows_m, rows_p, shifts = [], [], [], []
+        kept_rows: list[Tensor] = []
         for b, (s, red) in enumerate(zip(spans, batch, strict=True)):
             red = red.sorted()
             keep = torch.ones(length, dtype=torch.bool, device=device)
@@ -315,6 +316,7 @@ class SpliceAdapter(Adapter):
             if compact:
                 removed_before = torch.cumsum((~keep).long(), dim=0)
                 p = p - removed_before
+            kept_rows.append(keep.nonzero().flatten())
             rows_e.append(e[keep])
             rows_m.append(mask[b][keep])
             rows_p.append(p[..., keep])
@@ -341,6 +343,10 @@ class SpliceAdapter(Adapter):
             shift=torch.tensor(shifts, device=device),
             next_pos=next_pos,
         )
+        #: Sequence positions (in the unreduced prompt) each sample kept, ``[n_b]`` ascending, and the
+        #: spans found: for tests, overlays and mapping labels.
+        self.last_kept_rows = kept_rows
+        self.last_spans = spans
         out = dict(kwargs)
         out.update(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p)
         return out

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["CHAT_TEMPLATE", "VOCAB_WORDS", "build_word_tokenizer", "tiny_llava"]
+__all__ = [
+    "CHAT_TEMPLATE",
+    "VOCAB_WORDS",
+    "build_word_tokenizer",
+    "tiny_llava",
+    "tiny_qwen2_5_vl",
+    "tiny_qwen2_vl",
+]
 
 #: Plain-text chat template shared by the tiny models: ``USER: <image> question ASSISTANT:``.
 CHAT_TEMPLATE = (
@@ -40,10 +47,18 @@ VOCAB_WORDS = [
 ]
 
 
-def build_word_tokenizer(words: list[str] | None = None):
+def build_word_tokenizer(
+    words: list[str] | None = None,
+    *,
+    special_tokens: list[str] | None = None,
+    named_tokens: dict[str, str] | None = None,
+):
     """A word-level ``PreTrainedTokenizerFast`` (lower-cases, splits on whitespace and punctuation).
 
-    Special tokens: ``<pad>`` (0), ``<unk>``, ``<s>`` (bos), ``</s>`` (eos), ``<image>``, ``<video>``.
+    Special tokens: ``<pad>`` (0), ``<unk>``, ``<s>`` (bos), ``</s>`` (eos), ``<image>``, ``<video>``,
+    then ``special_tokens`` (extra family markers such as ``<|vision_start|>``, appended in order).
+    ``named_tokens`` maps tokenizer attributes to tokens (default ``image_token="<image>"``,
+    ``video_token="<video>"``); processors read e.g. ``tokenizer.image_token`` from it.
     Left padding, as batched generation needs.
     """
     from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers
@@ -51,7 +66,8 @@ def build_word_tokenizer(words: list[str] | None = None):
     from transformers import PreTrainedTokenizerFast
 
     words = list(dict.fromkeys(VOCAB_WORDS if words is None else words))
-    vocab = {tok: i for i, tok in enumerate(SPECIAL_TOKENS)}
+    specials = list(dict.fromkeys(SPECIAL_TOKENS + list(special_tokens or [])))
+    vocab = {tok: i for i, tok in enumerate(specials)}
     for w in words:
         vocab.setdefault(w.lower(), len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
@@ -60,16 +76,20 @@ def build_word_tokenizer(words: list[str] | None = None):
         [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
     )
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    named = {"image_token": "<image>", "video_token": "<video>"} if named_tokens is None else dict(named_tokens)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token="<pad>",
         unk_token="<unk>",
         bos_token="<s>",
         eos_token="</s>",
-        extra_special_tokens={"image_token": "<image>", "video_token": "<video>"},
+        extra_special_tokens=named,
         padding_side="left",
         model_input_names=["input_ids", "attention_mask"],
     )
+    extra = [t for t in specials[len(SPECIAL_TOKENS) :] if t not in named.values()]
+    if extra:
+        fast.add_special_tokens({"additional_special_tokens": extra}, replace_extra_special_tokens=False)
     return fast
 
 
@@ -152,5 +172,169 @@ def tiny_llava(
         vision_feature_select_strategy="default",
         chat_template=CHAT_TEMPLATE,
         num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- Qwen2-VL family
+QWEN_SPECIAL_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
+
+#: Chat template of the tiny Qwen models: every image/video is ``<|vision_start|><|..._pad|><|vision_end|>``.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
+    "{% if message['content'] is string %}{{ message['content'] }}"
+    "{% else %}{% for item in message['content'] %}"
+    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
+    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
+    "{% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
+    "{% endfor %}{% endif %}"
+    "{% if message['role'] != 'user' %}</s> {% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
+)
+
+
+def _qwen_tokenizer(words: list[str] | None):
+    return build_word_tokenizer(
+        words,
+        special_tokens=QWEN_SPECIAL_TOKENS,
+        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
+    )
+
+
+def _finish(model, tokenizer, attn_implementation: str):
+    """Common tail of the factories: attention backend, generation config, eval mode."""
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
+def _qwen_text_config(tokenizer, text_hidden: int, text_layers: int) -> dict:
+    heads = 4
+    half = text_hidden // heads // 2  # rotary half-dimension, split over (t, h, w)
+    section = [half - 2 * (half // 4), half // 4, half // 4]
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=heads,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _qwen_processors(patch_size: int, max_side: int):
+    from transformers import Qwen2VLImageProcessor, Qwen2VLVideoProcessor
+
+    unit = patch_size * 2  # one 2x2 merge unit in pixels
+    image_processor = Qwen2VLImageProcessor(
+        size={"shortest_edge": (2 * unit) ** 2, "longest_edge": max_side**2},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+    )
+    video_processor = Qwen2VLVideoProcessor(
+        size={"shortest_edge": (2 * unit) ** 2, "longest_edge": max_side**2 * 8},
+        patch_size=patch_size,
+        temporal_patch_size=2,
+        merge_size=2,
+        do_sample_frames=False,
+    )
+    return image_processor, video_processor
+
+
+def tiny_qwen2_vl(
+    *,
+    patch_size: int = 4,
+    max_side: int = 48,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
+):
+    """A random-weight ``Qwen2VLForConditionalGeneration`` and a local ``Qwen2VLProcessor``.
+
+    Native-resolution ViT without CLS, 2x2 PatchMerger (one LLM token per ``2*patch_size`` pixels
+    squared), M-RoPE LM. Images are resized to multiples of ``2*patch_size`` with at most
+    ``max_side**2`` pixels; videos go through ``Qwen2VLVideoProcessor`` (2 frames per temporal step).
+    Returns ``(model, processor)`` in eval mode, fp32, on the CPU.
+    """
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
+
+    tokenizer = _qwen_tokenizer(words)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2VLConfig(
+        vision_config=dict(
+            depth=vision_layers, embed_dim=vision_hidden, hidden_size=text_hidden, num_heads=4,
+            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2,
+        ),
+        text_config=_qwen_text_config(tokenizer, text_hidden, text_layers),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = _finish(Qwen2VLForConditionalGeneration(config), tokenizer, attn_implementation)
+    image_processor, video_processor = _qwen_processors(patch_size, max_side)
+    processor = Qwen2VLProcessor(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+def tiny_qwen2_5_vl(
+    *,
+    patch_size: int = 4,
+    max_side: int = 48,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    window_units: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
+):
+    """A random-weight ``Qwen2_5_VLForConditionalGeneration`` and a local ``Qwen2_5_VLProcessor``.
+
+    Like :func:`tiny_qwen2_vl` plus Qwen2.5-VL's window attention: windows of ``window_units`` x
+    ``window_units`` merge units in every vision block except the last (full attention).
+    """
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
+
+    tokenizer = _qwen_tokenizer(words)
+    ids = tokenizer.convert_tokens_to_ids
+    config = Qwen2_5_VLConfig(
+        vision_config=dict(
+            depth=vision_layers, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=4,
+            out_hidden_size=text_hidden, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=window_units * 2 * patch_size, fullatt_block_indexes=[vision_layers - 1],
+            tokens_per_second=2,
+        ),
+        text_config=_qwen_text_config(tokenizer, text_hidden, text_layers),
+        image_token_id=ids("<|image_pad|>"),
+        video_token_id=ids("<|video_pad|>"),
+        vision_start_token_id=ids("<|vision_start|>"),
+        vision_end_token_id=ids("<|vision_end|>"),
+    )
+    torch.manual_seed(seed)
+    model = _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer, attn_implementation)
+    image_processor, video_processor = _qwen_processors(patch_size, max_side)
+    processor = Qwen2_5_VLProcessor(
+        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
