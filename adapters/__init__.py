@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from torch import nn
 from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter
 from vtr.adapters.qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
     "ADAPTERS",
     "Adapter",
+    "InternVLAdapter",
     "LlavaAdapter",
     "Qwen2VLAdapter",
     "SpliceAdapter",
@@ -19,7 +21,7 @@ __all__ = [
     "supported_classes",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, InternVLAdapter]
 
 
 def supported_classes() -> list[str]:

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisualSpans
+from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans
 
 from vtr.tokens import ImageLayout
 
@@ -37,6 +37,22 @@ class LlavaAdapter(SpliceAdapter):
         self.grid = int(vc.image_size) // int(vc.patch_size)
         self.tokens_per_image = self.grid * self.grid
         self.has_cls = True
+
+    @property
+    def vision_info(self) -> VisionInfo:
+        vc = self.model.config.vision_config
+        layer = self.model.config.vision_feature_layer
+        return VisionInfo(
+            encoder="model.vision_tower",
+            blocks="model.vision_tower.encoder.layers",
+            num_blocks=int(vc.num_hidden_layers),
+            patch_size=int(vc.patch_size),
+            unit="patch",
+            unit_patches=1,
+            has_cls=True,
+            feature_layer=int(layer) if isinstance(layer, int) else None,
+            attention="full",
+        )
 
     def visual_spans(self, input_ids: Tensor) -> VisualSpans:
         seq_pos = torch.nonzero(input_ids == self.image_token_id, as_tuple=False).flatten()

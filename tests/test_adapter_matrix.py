@@ -56,16 +56,20 @@ class Family:
     factory: Callable
     image_sizes: tuple[tuple[int, int], ...]  # three distinct sizes the processor accepts
     video: tuple[tuple[int, int, int], ...] = ()  # three distinct (frames, H, W), empty: no video
-    tokens_per_image_differ: bool = True
+    mrope: bool = False  # Qwen M-RoPE positions ([3 or 4, B, L])
 
 
 FAMILIES = {
     "qwen2_vl": Family(
-        "qwen2_vl", vt.tiny_qwen2_vl, ((32, 48), (48, 32), (32, 32)), ((4, 32, 32), (2, 32, 48), (6, 32, 32))
+        "qwen2_vl", vt.tiny_qwen2_vl, ((32, 48), (48, 32), (32, 32)), ((4, 32, 32), (2, 32, 48), (6, 32, 32)),
+        mrope=True,
     ),
     "qwen2_5_vl": Family(
-        "qwen2_5_vl", vt.tiny_qwen2_5_vl, ((32, 48), (48, 32), (32, 32)), ((4, 32, 32), (2, 32, 48), (6, 32, 32))
+        "qwen2_5_vl", vt.tiny_qwen2_5_vl, ((32, 48), (48, 32), (32, 32)), ((4, 32, 32), (2, 32, 48), (6, 32, 32)),
+        mrope=True,
     ),
+    # InternVL: 32x32 tiles; (32, 80) -> 3 crops + thumbnail, (64, 32) -> 2 + thumbnail, (32, 32) -> 1 tile.
+    "internvl": Family("internvl", vt.tiny_internvl, ((32, 80), (64, 32), (32, 32))),
 }
 
 
@@ -243,34 +247,46 @@ def test_budget_and_positions(family: str, case: str, op: str) -> None:
         torch.testing.assert_close(_pos3(call["position_ids"]), ref_pos[step], rtol=0, atol=0)
 
 
+def _manual_decode(model, inputs: dict, with_mask: bool) -> list[torch.Tensor]:
+    """Prefill with ``use_cache``, then two cached forwards with ``position_ids=None``: LM positions."""
+    with torch.no_grad():
+        out = model(**inputs, use_cache=True)
+        mask = inputs["attention_mask"]
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        with LMRecorder(model) as rec:
+            for _ in range(2):
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                extra = {"attention_mask": mask} if with_mask else {}
+                out = model(input_ids=nxt, cache=out.cache, use_cache=True, **extra)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for c in rec.calls:
+        if c["position_ids"] is None:  # 1-D LMs build ``past + arange(q)`` themselves
+            c["position_ids"] = torch.full((nxt.shape[0], 1), c["past"], dtype=torch.long)
+    return [_pos3(c["position_ids"]) for c in rec.calls]
+
+
 @pytest.mark.parametrize(("family", "case"), CASES)
 def test_manual_decode_positions_without_position_ids(family: str, case: str) -> None:
-    """A cached forward with ``position_ids=None`` decodes at the unreduced positions (Qwen: the
-    ``rope_deltas`` path), with the caller's mask grown from the unreduced prompt (batch 3) or no mask
-    at all (batch 1). Reference: the decode positions ``generate`` gives the unwrapped model."""
+    """A cached forward with ``position_ids=None`` decodes at the unreduced positions, with the caller's
+    mask grown from the unreduced prompt (batch 3) or no mask at all (batch 1).
+
+    Reference: the unwrapped model's own manual run; for M-RoPE models (Qwen: the ``rope_deltas``
+    path) the decode ids ``generate`` gives the unwrapped model, i.e. ``cumsum(mask) - 1 + rope_deltas``
+    (transformers 5.24's own cached forward with a 2-D mask returns ids for every mask column there).
+    """
     inputs, _, _, ref_pos = _reference(family, case)
     model, _ = model_and_processor(family)
     with_mask = inputs["input_ids"].shape[0] > 1
+    mrope = FAMILIES[family].mrope
+    ref = [p[-3:] for p in ref_pos[1:3]] if mrope else _manual_decode(model, inputs, with_mask)
     vtr.wrap(model, Random(keep=0.3))
     try:
-        with torch.no_grad():
-            out = model(**inputs, use_cache=True)
-            mask = inputs["attention_mask"]
-            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
-            with LMRecorder(model) as rec:
-                for _ in range(2):
-                    mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-                    extra = {"attention_mask": mask} if with_mask else {}
-                    out = model(input_ids=nxt, cache=out.cache, use_cache=True, **extra)
-                    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        red = _manual_decode(model, inputs, with_mask)
     finally:
         vtr.unwrap(model)
-    assert len(rec.calls) == 2
-    for step, call in enumerate(rec.calls, start=1):
-        got = _pos3(call["position_ids"])
-        # generate passes Qwen's text row too ([4, B, 1]); a plain call gets the 3 M-RoPE rows.
-        torch.testing.assert_close(got, ref_pos[step][-got.shape[0] :], rtol=0, atol=0)
-        assert call["attention_mask"] is not None or bool(inputs["attention_mask"].all())
+    assert len(red) == len(ref) == 2
+    for got, want in zip(red, ref, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("op", list(OPS))

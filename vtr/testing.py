@@ -338,3 +338,89 @@ def tiny_qwen2_5_vl(
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- InternVL
+#: Chat template of the tiny InternVL: an image is ``<IMG_CONTEXT>`` (the processor expands it to
+#: ``<img>`` + tokens + ``</img>``), a video ``<video>``.
+INTERNVL_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<IMG_CONTEXT> ")
+
+
+def tiny_internvl(
+    *,
+    tile_size: int = 32,
+    patch_size: int = 4,
+    max_tiles: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
+):
+    """A random-weight ``InternVLForConditionalGeneration`` (InternViT with CLS + Qwen2 LM) and its processor.
+
+    Dynamic tiling by ``GotOcr2ImageProcessor`` (``tile_size`` pixels, up to ``max_tiles`` crops plus a
+    thumbnail LAST when an image needs more than one tile); pixel shuffle 0.5 turns each 2x2 block of
+    patches into one LLM token: ``(tile_size / patch_size / 2)**2`` tokens per tile (16 by default).
+    Each image is ``<img>`` + tokens + ``</img>``; a video becomes one ``<img>...</img>`` per frame.
+    """
+    from transformers import (
+        GotOcr2ImageProcessor,
+        InternVLConfig,
+        InternVLForConditionalGeneration,
+        InternVLProcessor,
+        InternVLVideoProcessor,
+        Qwen2Config,
+    )
+
+    tokenizer = build_word_tokenizer(
+        words,
+        special_tokens=["<img>", "</img>", "<IMG_CONTEXT>"],
+        named_tokens={
+            "start_image_token": "<img>",
+            "end_image_token": "</img>",
+            "context_image_token": "<IMG_CONTEXT>",
+            "image_token": "<image>",
+            "video_token": "<video>",
+        },
+    )
+    per_tile = (tile_size // patch_size // 2) ** 2
+    text = Qwen2Config(
+        vocab_size=len(tokenizer),
+        hidden_size=text_hidden,
+        intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+    config = InternVLConfig(
+        vision_config=dict(
+            hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
+            intermediate_size=vision_hidden * 2, image_size=[tile_size, tile_size],
+            patch_size=[patch_size, patch_size],
+        ),
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<IMG_CONTEXT>"),
+        image_seq_length=per_tile,
+        downsample_ratio=0.5,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="default",
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(seed)
+    model = _finish(InternVLForConditionalGeneration(config), tokenizer, attn_implementation)
+    image_processor = GotOcr2ImageProcessor(
+        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+    )
+    video_processor = InternVLVideoProcessor(size={"height": tile_size, "width": tile_size}, do_sample_frames=False)
+    processor = InternVLProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        image_seq_length=per_tile, chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return model, processor
