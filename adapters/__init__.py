@@ -6,6 +6,7 @@ from torch import nn
 from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
 from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter
+from vtr.adapters.llava_next import LlavaNextAdapter
 from vtr.adapters.qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
@@ -13,6 +14,7 @@ __all__ = [
     "Adapter",
     "InternVLAdapter",
     "LlavaAdapter",
+    "LlavaNextAdapter",
     "Qwen2VLAdapter",
     "SpliceAdapter",
     "VisionInfo",
@@ -21,7 +23,7 @@ __all__ = [
     "supported_classes",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, Qwen2VLAdapter, InternVLAdapter]
+ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InternVLAdapter]
 
 
 def supported_classes() -> list[str]:

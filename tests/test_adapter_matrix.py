@@ -70,6 +70,8 @@ FAMILIES = {
     ),
     # InternVL: 32x32 tiles; (32, 80) -> 3 crops + thumbnail, (64, 32) -> 2 + thumbnail, (32, 32) -> 1 tile.
     "internvl": Family("internvl", vt.tiny_internvl, ((32, 80), (64, 32), (32, 32))),
+    # LLaVA-NeXT: 32-pixel tiles, pinpoints 1x2 / 2x1 / 2x2; newline rows are ordinary candidates.
+    "llava_next": Family("llava_next", vt.tiny_llava_next, ((32, 80), (64, 40), (50, 50))),
 }
 
 
@@ -203,7 +205,7 @@ def _expected_counts(op: str, keep: float, tokens) -> list[int]:
             k = sum(
                 int(np.prod(pool_grid_shape(h, w, max(1, (budget * t * h * w) // cells)))) * t
                 for t, h, w in im.grids
-            )
+            ) + (n - cells)  # rows outside the grids (LLaVA-NeXT newlines) are kept by Pool
         out.append(k)
     return out
 

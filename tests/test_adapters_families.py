@@ -25,6 +25,7 @@ def _image(h: int, w: int, seed: int = 0) -> np.ndarray:
         (vt.tiny_qwen2_vl, "merge2x2", False, "varlen"),
         (vt.tiny_qwen2_5_vl, "merge2x2", False, "window+full"),
         (vt.tiny_internvl, "pixel_shuffle2x2", True, "full"),
+        (vt.tiny_llava_next, "patch", True, "full"),
     ],
 )
 def test_vision_info(factory, unit: str, has_cls: bool, attention: str) -> None:
@@ -150,3 +151,60 @@ def test_save_and_load_tiny_model(tmp_path, factory) -> None:
         loaded(**inputs)
         assert loaded.vtr.report.tokens_out(0) < loaded.vtr.report.original_tokens[0]
         vtr.unwrap(loaded)
+
+
+@pytest.mark.parametrize("drop", [False, True])
+def test_llava_next_drop_newlines(drop: bool) -> None:
+    """Newline rows: ordinary candidates by default; removed before any operator with ``drop_newlines``."""
+    from vtr.adapters import LlavaNextAdapter
+
+    model, processor = vt.tiny_llava_next()
+    text = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]}],
+        add_generation_prompt=True,
+    )
+    inputs = processor(text=[text], images=[_image(50, 50)], return_tensors="pt")
+    base, h, w = LlavaNextAdapter(model).image_rows((50, 50))
+    assert h > 1 and w > 1
+    n_rows = int((inputs["input_ids"] == model.config.image_token_id).sum())
+    assert n_rows == base + h * (w + 1)
+    newline = model.model.image_newline
+    seen: dict[str, torch.Tensor] = {}
+    lm = model.model.language_model
+    with torch.no_grad():
+        ref = model.model.get_input_embeddings()(inputs["input_ids"])  # shape reference only
+    vtr.wrap(model, Random(keep=1.0))
+    model.vtr.adapter.drop_newlines = drop
+    hook = lm.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("e", k["inputs_embeds"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        report = model.vtr.report
+        (span,) = model.vtr.adapter.last_spans
+    finally:
+        hook.remove()
+        vtr.unwrap(model)
+    e = seen["e"][0]
+    is_newline = torch.isclose(e, newline.to(e), atol=1e-6).all(dim=-1)
+    if drop:
+        assert report.original_tokens == [base + h * w]
+        assert e.shape[0] == ref.shape[1] - h
+        assert not bool(is_newline.any())
+        assert span.drop is not None and len(span.drop) == h
+    else:
+        assert report.original_tokens == [n_rows]
+        assert e.shape[0] == ref.shape[1]
+        assert int(is_newline.sum()) == h
+        # Newline rows are candidates: a small budget can drop them like any other row.
+        vtr.wrap(model, Random(keep=0.2, seed=3))
+        try:
+            with torch.no_grad():
+                model(**inputs)
+            kept = set(model.vtr.report.kept(0, 0))
+        finally:
+            vtr.unwrap(model)
+        # Random samples over all n_rows candidates (newlines are the last h rows of the layout).
+        from vtr.ops.baselines import random_select
+
+        assert kept == set(random_select(n_rows, round(0.2 * n_rows), 3).tolist())
+        assert kept & set(range(base + h * w, n_rows)), "this seed keeps a newline row"

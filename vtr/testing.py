@@ -12,7 +12,9 @@ __all__ = [
     "CHAT_TEMPLATE",
     "VOCAB_WORDS",
     "build_word_tokenizer",
+    "tiny_internvl",
     "tiny_llava",
+    "tiny_llava_next",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
 ]
@@ -422,5 +424,73 @@ def tiny_internvl(
     processor = InternVLProcessor(
         image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
         image_seq_length=per_tile, chat_template=INTERNVL_CHAT_TEMPLATE,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-NeXT
+def tiny_llava_next(
+    *,
+    image_size: int = 32,
+    patch_size: int = 8,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
+):
+    """A random-weight ``LlavaNextForConditionalGeneration`` (CLIP with CLS + Llama) and its processor.
+
+    AnyRes with pinpoints ``{1x2, 2x1, 2x2} * image_size``: every image is a base view of
+    ``(image_size / patch_size)**2`` tokens (16 by default) followed by the unpadded tile grid, each
+    grid row closed by an ``image_newline`` token. Returns ``(model, processor)`` in eval mode.
+    """
+    from transformers import (
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessor,
+        LlavaNextProcessor,
+    )
+
+    tokenizer = build_word_tokenizer(words)
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    vision = CLIPVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+    )
+    text = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaNextConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_id=tokenizer.convert_tokens_to_ids("<image>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=(image_size // patch_size) ** 2,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = _finish(LlavaNextForConditionalGeneration(config), tokenizer, attn_implementation)
+    with torch.no_grad():  # the newline embedding is zero-initialised: make it a real, distinct row
+        model.model.image_newline.normal_()
+    image_processor = LlavaNextImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
+    )
+    processor = LlavaNextProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
+        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
     )
     return model, processor
