@@ -173,8 +173,8 @@ def test_llava_next_drop_newlines(drop: bool) -> None:
     lm = model.model.language_model
     with torch.no_grad():
         ref = model.model.get_input_embeddings()(inputs["input_ids"])  # shape reference only
-    vtr.wrap(model, Random(keep=1.0))
-    model.vtr.adapter.drop_newlines = drop
+    vtr.wrap(model, Random(keep=1.0), drop_newlines=drop)  # the public wrap-level option
+    assert model.vtr.adapter.drop_newlines is drop
     hook = lm.register_forward_pre_hook(lambda m, a, k: seen.__setitem__("e", k["inputs_embeds"]), with_kwargs=True)
     try:
         with torch.no_grad():

@@ -90,3 +90,26 @@ def test_yaml_is_safe_loaded(tmp_path):
 def test_missing_file():
     with pytest.raises(FileNotFoundError, match="recipe file not found"):
         vtr.load_recipe("no/such/file.yaml")
+
+
+def test_wrap_level_options():
+    rec = recipes.build("divprune", drop_newlines=True, positions="compact", keep=0.2)
+    assert (rec.drop_newlines, rec.positions, rec.ops[0].keep) == (True, "compact", 0.2)
+    assert recipes.build("divprune").drop_newlines is None
+    with pytest.raises(TypeError, match="drop_newlines must be True, False or None, got 'yes'"):
+        recipes.build("divprune", drop_newlines="yes")
+
+
+def test_yaml_drop_newlines(tmp_path):
+    f = tmp_path / "r.yaml"
+    f.write_text("drop_newlines: true\nrecipe: pool\n")
+    assert vtr.load_recipe(f).drop_newlines is True
+
+
+def test_drop_newlines_refused_without_newline_rows():
+    from vtr.testing import tiny_llava
+
+    model, _ = tiny_llava()
+    with pytest.raises(ValueError, match="drop_newlines applies to models with newline rows.*LLaVA-1.5 adapter has none"):
+        vtr.wrap(model, "divprune", drop_newlines=True)
+    assert not vtr.is_wrapped(model)

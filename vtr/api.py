@@ -34,6 +34,11 @@ class Reducer:
         self.recipe = recipe
         self.pipeline = Pipeline(recipe.ops)
         self.pipeline.check_supported(adapter.supported_stages, adapter.name)
+        if recipe.drop_newlines is not None and not hasattr(adapter, "drop_newlines"):
+            raise ValueError(
+                f"drop_newlines applies to models with newline rows (LLaVA-NeXT, LLaVA-OneVision); "
+                f"the {adapter.name} adapter has none"
+            )
         self.adapter = adapter
         self.report: Report | None = None
         self._model_ref = model
@@ -56,7 +61,7 @@ def wrap(model: nn.Module, recipe: RecipeLike, /, **overrides: Any) -> nn.Module
         model: a supported Hugging Face VLM (see ``vtr.adapters.supported_classes()``).
         recipe: a registered recipe name (``vtr recipes``), a YAML path, an operator or a list of them.
         **overrides: operator fields to override (e.g. ``keep=0.1``, ``scope="frame"``) and wrap-level
-            options (``positions="original" | "compact"``).
+            options (``positions="original" | "compact"``; ``drop_newlines=True`` for LLaVA-NeXT/OneVision).
 
     Wrapping an already wrapped model replaces its recipe. ``model.vtr.report`` describes the latest call.
     """

@@ -1,6 +1,6 @@
 """Named recipes (operator chains) and YAML loading.
 
-A recipe is a list of operators plus wrap-level options (``positions``). Named recipes are factories
+A recipe is a list of operators plus wrap-level options (``positions``, ``drop_newlines``). Named recipes are factories
 registered with :func:`register`; ``vtr recipes`` lists them.
 
 YAML format (``configs/*.yaml``)::
@@ -8,6 +8,7 @@ YAML format (``configs/*.yaml``)::
     name: divprune_llava          # optional
     description: ...              # optional
     positions: original           # optional: "original" (default) or "compact"
+    drop_newlines: true           # optional: LLaVA-NeXT/OneVision newline rows leave the LLM input
     ops:                          # either an explicit chain ...
       - op: DivPrune
         keep: 0.098
@@ -30,6 +31,7 @@ from vtr.ops.base import Operator
 
 __all__ = [
     "POSITIONS",
+    "WRAP_OPTIONS",
     "Recipe",
     "build",
     "describe",
@@ -41,6 +43,8 @@ __all__ = [
 ]
 
 POSITIONS = ("original", "compact")
+#: Options of a wrapped model as a whole, not of one operator.
+WRAP_OPTIONS = ("positions", "drop_newlines")
 
 
 @dataclass
@@ -51,10 +55,15 @@ class Recipe:
     positions: str = "original"
     name: str | None = None
     description: str = ""
+    #: LLaVA-NeXT/OneVision: remove newline rows from the LLM input (None: the adapter's default, keep them
+    #: as ordinary candidates).
+    drop_newlines: bool | None = None
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
+        if self.drop_newlines is not None and not isinstance(self.drop_newlines, bool):
+            raise TypeError(f"drop_newlines must be True, False or None, got {self.drop_newlines!r}")
 
 
 _REGISTRY: dict[str, tuple[Callable[[], list[Operator]], str]] = {}
@@ -119,9 +128,10 @@ def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) ->
     """Normalise anything :func:`vtr.wrap` accepts into a :class:`Recipe`.
 
     ``recipe`` is a registered name, a path to a YAML file, one operator, a list of operators or a
-    ``Recipe``. ``positions`` in ``overrides`` is a wrap-level option; the rest go to operators.
+    ``Recipe``. Wrap-level options in ``overrides`` (``WRAP_OPTIONS``) set the recipe's fields; the rest
+    go to operators.
     """
-    positions = overrides.pop("positions", None)
+    options = {k: overrides.pop(k) for k in WRAP_OPTIONS if k in overrides}
     if isinstance(recipe, Recipe):
         rec = dataclasses.replace(recipe, ops=apply_overrides(list(recipe.ops), overrides))
     elif isinstance(recipe, Operator):
@@ -143,12 +153,10 @@ def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) ->
         raise TypeError(
             f"recipe must be a name, a YAML path, an Operator or a list of Operators, got {type(recipe).__name__}"
         )
-    if positions is not None:
-        rec = dataclasses.replace(rec, positions=positions)
-    return rec
+    return dataclasses.replace(rec, **options) if options else rec
 
 
-_TOP_KEYS = ("name", "description", "positions", "ops", "recipe", "overrides")
+_TOP_KEYS = ("name", "description", "positions", "drop_newlines", "ops", "recipe", "overrides")
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
@@ -183,6 +191,7 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     return Recipe(
         ops=chain,
         positions=data.get("positions", "original"),
+        drop_newlines=data.get("drop_newlines"),
         name=data.get("name", path.stem),
         description=data.get("description", ""),
     )
