@@ -110,6 +110,6 @@ def test_drop_newlines_refused_without_newline_rows():
     from vtr.testing import tiny_llava
 
     model, _ = tiny_llava()
-    with pytest.raises(ValueError, match="drop_newlines applies to models with newline rows.*LLaVA-1.5 adapter has none"):
+    with pytest.raises(ValueError, match="drop_newlines applies to models with newline rows.*LLaVA-1.5 adapter"):
         vtr.wrap(model, "divprune", drop_newlines=True)
     assert not vtr.is_wrapped(model)
