@@ -7,6 +7,7 @@ from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
 from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter
 from vtr.adapters.llava_next import LlavaNextAdapter
+from vtr.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtr.adapters.qwen2_vl import Qwen2VLAdapter
 
 __all__ = [
@@ -15,6 +16,7 @@ __all__ = [
     "InternVLAdapter",
     "LlavaAdapter",
     "LlavaNextAdapter",
+    "LlavaOnevisionAdapter",
     "Qwen2VLAdapter",
     "SpliceAdapter",
     "VisionInfo",
@@ -23,7 +25,13 @@ __all__ = [
     "supported_classes",
 ]
 
-ADAPTERS: list[type[Adapter]] = [LlavaAdapter, LlavaNextAdapter, Qwen2VLAdapter, InternVLAdapter]
+ADAPTERS: list[type[Adapter]] = [
+    LlavaAdapter,
+    LlavaNextAdapter,
+    LlavaOnevisionAdapter,
+    Qwen2VLAdapter,
+    InternVLAdapter,
+]
 
 
 def supported_classes() -> list[str]:

@@ -16,6 +16,7 @@ a recipe attribute ``drop_newlines`` (read at install time when present).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
@@ -27,7 +28,7 @@ from vtr.tokens import ImageLayout
 if TYPE_CHECKING:  # pragma: no cover
     from vtr.api import Reducer
 
-__all__ = ["LlavaNextAdapter", "anyres_rows"]
+__all__ = ["LlavaNextAdapter", "SpanPart", "anyres_rows", "pack_parts"]
 
 
 def anyres_rows(image_size: tuple[int, int], pinpoints, tile: int, grid: int) -> tuple[int, int]:
@@ -44,6 +45,48 @@ def anyres_rows(image_size: tuple[int, int], pinpoints, tile: int, grid: int) ->
     return int(out.shape[1]), int(out.shape[2])
 
 
+@dataclass(frozen=True)
+class SpanPart:
+    """One packed image or video of a sample, as sequence positions.
+
+    Attributes:
+        grid_rows: ``[sum(t*h*w over grids)]`` long, positions of the grid tokens in layout order
+            (group after group, row-major within a group).
+        newline_rows: ``[M]`` long, positions of its newline rows.
+        grids: ``(t, h, w)`` per group (base view / canvas, or video frames).
+        kind: ``"image"`` or ``"video"``.
+        newlines: ``"candidate"``: newline rows are extra rows of the unit (budgeted with it, like the
+            official LLaVA-NeXT code); ``"keep"``: they stay in the LLM input outside every budget (they are
+            neither candidates nor counted). With ``drop_newlines=True`` both are removed.
+    """
+
+    grid_rows: Tensor
+    newline_rows: Tensor
+    grids: tuple[tuple[int, int, int], ...]
+    kind: str = "image"
+    newlines: str = "candidate"
+
+
+def pack_parts(parts: list[SpanPart], drop_newlines: bool, empty: Tensor) -> VisualSpans:
+    """Visual spans of one sample from its packed units (``empty``: the ``[0]`` positions to use if none)."""
+    order: list[Tensor] = []
+    drop: list[Tensor] = []
+    layout: list[ImageLayout] = []
+    offset = 0
+    for part in parts:
+        rows = [part.grid_rows]
+        if drop_newlines:
+            drop.append(part.newline_rows)
+        elif part.newlines == "candidate":
+            rows.append(part.newline_rows)
+        n_tok = sum(len(r) for r in rows)
+        order += rows
+        layout.append(ImageLayout(offset=offset, n_tokens=n_tok, grids=part.grids, kind=part.kind))
+        offset += n_tok
+    seq_pos = torch.cat(order) if order else empty
+    return VisualSpans(seq_pos=seq_pos, layout=tuple(layout), drop=torch.cat(drop) if drop else None)
+
+
 class LlavaNextAdapter(SpliceAdapter):
     """AnyRes images (base view + unpadded tiles + newline rows), several per prompt."""
 
@@ -51,15 +94,17 @@ class LlavaNextAdapter(SpliceAdapter):
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     metadata_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes",)
+    #: The ``vision_feature_select_strategy`` the layout assumes (``"default"``: CLIP's CLS row dropped).
+    feature_select_strategy: ClassVar[str] = "default"
 
     def __init__(self, model: nn.Module, *, drop_newlines: bool = False):
         super().__init__(model)
         cfg = model.config
         vc = cfg.vision_config
-        if cfg.vision_feature_select_strategy != "default":
+        if cfg.vision_feature_select_strategy != self.feature_select_strategy:
             raise NotImplementedError(
-                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r} keeps the CLS row; the "
-                f"{self.name} adapter supports 'default' (CLS dropped), which released checkpoints use"
+                f"vision_feature_select_strategy={cfg.vision_feature_select_strategy!r}: the {self.name} adapter "
+                f"supports {self.feature_select_strategy!r}, which released checkpoints use"
             )
         self.image_token_id = int(cfg.image_token_id)
         self.tile = int(vc.image_size)
@@ -94,6 +139,19 @@ class LlavaNextAdapter(SpliceAdapter):
         h, w = anyres_rows(image_size, self.pinpoints, self.tile, self.grid)
         return self.grid * self.grid, h, w
 
+    def image_part(self, rows: Tensor, base: int, h: int, w: int, tail: int = 0) -> SpanPart:
+        """Split the ``base + h * (w + 1) + tail`` sequence positions ``rows`` of one packed image.
+
+        ``base`` rows of the ``(g, g)`` base view, then ``h`` canvas rows of ``w`` tokens each closed by
+        a newline, then ``tail`` trailing newline rows (OneVision closes an untiled image with one).
+        """
+        n_canvas = h * (w + 1)
+        canvas = rows[base : base + n_canvas].view(h, w + 1)
+        grid_rows = torch.cat([rows[:base], canvas[:, :-1].flatten()])
+        newline_rows = torch.cat([canvas[:, -1], rows[base + n_canvas : base + n_canvas + tail]])
+        grids = ((1, self.grid, self.grid),) + (((1, h, w),) if h * w else ())
+        return SpanPart(grid_rows=grid_rows, newline_rows=newline_rows, grids=grids)
+
     def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
         sizes = self._metadata.get("image_sizes")
         if sizes is None:
@@ -105,7 +163,7 @@ class LlavaNextAdapter(SpliceAdapter):
         out = []
         for b in range(input_ids.shape[0]):
             pos = (input_ids[b] == self.image_token_id).nonzero().flatten()
-            order, drop, layout = [], [], []
+            parts: list[SpanPart] = []
             start = 0
             while start < len(pos):
                 try:
@@ -120,20 +178,9 @@ class LlavaNextAdapter(SpliceAdapter):
                         f"an image of size {size} needs {n} <image> rows but input_ids hold {len(rows)}: the prompt "
                         "was not expanded by this model's LlavaNextProcessor"
                     )
-                tiles = rows[base:].view(h, w + 1)
-                newlines = tiles[:, -1]
-                offset = sum(len(o) for o in order)
-                order.append(torch.cat([rows[:base], tiles[:, :-1].flatten()]))
-                if self.drop_newlines:
-                    drop.append(newlines)
-                    n_tok = base + h * w
-                else:
-                    order.append(newlines)
-                    n_tok = n
-                layout.append(ImageLayout(offset=offset, n_tokens=n_tok, grids=((1, self.grid, self.grid), (1, h, w))))
+                parts.append(self.image_part(rows, base, h, w))
                 start += n
-            seq_pos = torch.cat(order) if order else pos
-            out.append(VisualSpans(seq_pos=seq_pos, layout=tuple(layout), drop=torch.cat(drop) if drop else None))
+            out.append(pack_parts(parts, self.drop_newlines, empty=pos))
         if next(it, None) is not None:
             raise ValueError("`image_sizes` describes more images than input_ids hold")
         return out

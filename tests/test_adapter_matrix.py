@@ -48,6 +48,7 @@ class Sample:
     videos: tuple[tuple[int, int, int], ...] = ()
     question: int = 0
     seed: int = 0
+    nested: bool = False  # pass the images of the call as one list per sample (OneVision: untiled multi-image)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Family:
     image_sizes: tuple[tuple[int, int], ...]  # three distinct sizes the processor accepts
     video: tuple[tuple[int, int, int], ...] = ()  # three distinct (frames, H, W), empty: no video
     mrope: bool = False  # Qwen M-RoPE positions ([3 or 4, B, L])
+    untiled: bool = False  # add "untiled" cases: nested image lists (OneVision's multi-image mode)
 
 
 FAMILIES = {
@@ -72,6 +74,13 @@ FAMILIES = {
     "internvl": Family("internvl", vt.tiny_internvl, ((32, 80), (64, 32), (32, 32))),
     # LLaVA-NeXT: 32-pixel tiles, pinpoints 1x2 / 2x1 / 2x2; newline rows are ordinary candidates.
     "llava_next": Family("llava_next", vt.tiny_llava_next, ((32, 80), (64, 40), (50, 50))),
+    # LLaVA-OneVision: SigLIP 32-pixel tiles of 8x8 patches, NeXT-style AnyRes; videos pooled 2x2 to 4x4 per
+    # frame plus one newline per video. All videos of one call need the same frame count (the model reshapes
+    # ``[n_videos, F, ...]``). "untiled" passes nested images: multi-image samples get base views only.
+    "llava_onevision": Family(
+        "llava_onevision", vt.tiny_llava_onevision, ((32, 80), (64, 40), (50, 50)),
+        ((4, 32, 32), (4, 32, 48), (4, 48, 32)), untiled=True,
+    ),
 }
 
 
@@ -86,6 +95,11 @@ def _cases(fam: Family) -> dict[str, list[Sample]]:
         "multi-b3": [Sample(images=(s[0], s[2]), question=1, seed=4), Sample(images=(s[1],), question=2, seed=5),
                      Sample(images=(s[2], s[1], s[0]), question=0, seed=6)],
     }
+    if fam.untiled:
+        out["untiled-b1"] = [Sample(images=(s[0], s[1]), nested=True)]
+        out["untiled-b3"] = [Sample(images=(s[0], s[2]), question=1, seed=4, nested=True),
+                             Sample(images=(s[1],), question=2, seed=5, nested=True),
+                             Sample(images=(s[2], s[1], s[0]), question=0, seed=6, nested=True)]
     if fam.video:
         v = fam.video
         out["video-b1"] = [Sample(videos=(v[0],))]
@@ -96,11 +110,13 @@ def _cases(fam: Family) -> dict[str, list[Sample]]:
 
 def build_inputs(processor, samples: list[Sample]) -> dict:
     texts, images, videos = [], [], []
+    nested = any(smp.nested for smp in samples)
     for _i, smp in enumerate(samples):
         content = [{"type": "image"} for _ in smp.images] + [{"type": "video"} for _ in smp.videos]
         content.append({"type": "text", "text": QUESTIONS[smp.question]})
         texts.append(processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True))
-        images += [_image(h, w, smp.seed * 10 + j) for j, (h, w) in enumerate(smp.images)]
+        own = [_image(h, w, smp.seed * 10 + j) for j, (h, w) in enumerate(smp.images)]
+        images += [own] if nested else own
         videos += [_video(f, h, w, smp.seed * 10 + 5 + j) for j, (f, h, w) in enumerate(smp.videos)]
     kwargs: dict = {"text": texts, "return_tensors": "pt", "padding": True}
     if images:

@@ -15,6 +15,7 @@ __all__ = [
     "tiny_internvl",
     "tiny_llava",
     "tiny_llava_next",
+    "tiny_llava_onevision",
     "tiny_qwen2_5_vl",
     "tiny_qwen2_vl",
 ]
@@ -492,5 +493,80 @@ def tiny_llava_next(
     processor = LlavaNextProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
         vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------------------------------- LLaVA-OneVision
+def tiny_llava_onevision(
+    *,
+    image_size: int = 32,
+    patch_size: int = 4,
+    vision_hidden: int = 32,
+    vision_layers: int = 2,
+    text_hidden: int = 32,
+    text_layers: int = 2,
+    vision_aspect_ratio: str = "anyres_max_9",
+    seed: int = 0,
+    attn_implementation: str = "sdpa",
+    words: list[str] | None = None,
+):
+    """A random-weight ``LlavaOnevisionForConditionalGeneration`` (SigLIP without CLS + Qwen2) and its processor.
+
+    Images: AnyRes with pinpoints ``{1x2, 2x1, 2x2} * image_size``; each is a base view of ``g*g`` tokens
+    (``g = image_size / patch_size``, 64 by default, no CLS: ``vision_feature_select_strategy="full"``)
+    followed by the unpadded canvas with a newline per row (resized down when it exceeds
+    ``vision_aspect_ratio``; ``"anyres_max_1"`` makes 2-tile canvases shrink). Nested image lists
+    (several images per prompt) give untiled base views plus one newline each. Videos: every frame is
+    pooled 2x2 by the model (``ceil(g/2)**2`` tokens, 16 by default), one newline closes the video; the
+    frames of one processor call must have the same count. Returns ``(model, processor)`` in eval mode.
+    """
+    from transformers import (
+        LlavaOnevisionConfig,
+        LlavaOnevisionForConditionalGeneration,
+        LlavaOnevisionImageProcessor,
+        LlavaOnevisionProcessor,
+        LlavaOnevisionVideoProcessor,
+        Qwen2Config,
+        SiglipVisionConfig,
+    )
+
+    tokenizer = build_word_tokenizer(words)
+    s = image_size
+    pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
+    vision = SiglipVisionConfig(
+        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
+        num_attention_heads=4, image_size=image_size, patch_size=patch_size, vision_use_head=False,
+    )
+    text = Qwen2Config(
+        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
+        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
+        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    config = LlavaOnevisionConfig(
+        vision_config=vision,
+        text_config=text,
+        image_token_index=tokenizer.convert_tokens_to_ids("<image>"),
+        video_token_index=tokenizer.convert_tokens_to_ids("<video>"),
+        image_grid_pinpoints=pinpoints,
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        tie_word_embeddings=False,
+    )
+    config.pad_token_id = tokenizer.pad_token_id
+    torch.manual_seed(seed)
+    model = _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, attn_implementation)
+    image_processor = LlavaOnevisionImageProcessor(
+        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+    )
+    video_processor = LlavaOnevisionVideoProcessor(
+        size={"height": image_size, "width": image_size}, do_sample_frames=False
+    )
+    processor = LlavaOnevisionProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
+        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio, chat_template=CHAT_TEMPLATE,
     )
     return model, processor
