@@ -210,7 +210,8 @@ def run(args: argparse.Namespace) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "kernels.json"
     path.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows], "table": table}, indent=2))
-    print(f"\nwrote {path}")
+    (args.out / "kernels.md").write_text(table + "\n")
+    print(f"\nwrote {path} and {args.out / 'kernels.md'}")
     return 0
 
 
