@@ -30,7 +30,15 @@ from vtr.tokens import ImageLayout, VisualTokens
 if TYPE_CHECKING:  # pragma: no cover
     from vtr.api import Reducer
 
-__all__ = ["Adapter", "SpliceAdapter", "SpliceState", "VisionInfo", "VisualSpans"]
+__all__ = ["Adapter", "MetadataMismatch", "SpliceAdapter", "SpliceState", "VisionInfo", "VisualSpans"]
+
+
+class MetadataMismatch(ValueError):
+    """The visual rows of ``input_ids`` disagree with the captured grid metadata (counts or run lengths).
+
+    Families raise it from :meth:`SpliceAdapter.batch_spans`; the splice then checks whether ``generate``
+    repeated every sample (``num_beams`` / ``num_return_sequences``) after the metadata was captured.
+    """
 
 
 @dataclass
@@ -168,6 +176,33 @@ class SpliceAdapter(Adapter):
         """
         return [self.visual_spans(input_ids[b]) for b in range(input_ids.shape[0])]
 
+    def expanded_batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
+        """:meth:`batch_spans`, also when ``generate`` expanded the batch after capturing the metadata.
+
+        ``generate(num_beams=E)`` / ``num_return_sequences=E`` encodes the visual inputs (and so lets the
+        adapter capture their grids) BEFORE it repeats every sample ``E`` times in consecutive rows; the
+        captured metadata then describes ``B / E`` samples. When the rows disagree with the metadata
+        (:class:`MetadataMismatch`) and the batch consists of groups of ``E`` identical consecutive rows,
+        the spans of one row per group are computed and shared by the group. ``E`` is unique: the
+        metadata must be used up exactly by ``B / E`` rows.
+        """
+        try:
+            return self.batch_spans(input_ids)
+        except MetadataMismatch as err:
+            bsz = input_ids.shape[0]
+            for e in range(2, bsz + 1):
+                if bsz % e:
+                    continue
+                groups = input_ids.view(bsz // e, e, -1)
+                if not bool((groups == groups[:, :1]).all()):
+                    continue
+                try:
+                    unique = self.batch_spans(input_ids[::e])
+                except MetadataMismatch:
+                    continue
+                return [s for s in unique for _ in range(e)]
+            raise err
+
     def default_positions(self, kwargs: dict[str, Any], batch: int, length: int, past: int, device) -> Tensor:
         """Position ids the language model would build itself when none are passed: ``[B, L]``."""
         return (torch.arange(length, device=device) + past).unsqueeze(0).expand(batch, length)
@@ -281,7 +316,7 @@ class SpliceAdapter(Adapter):
             pos = self.default_positions(kwargs, bsz, length, 0, device)
         pos = pos.expand(*pos.shape[:-2], bsz, length) if pos.shape[-2] == 1 else pos
 
-        spans = self.batch_spans(input_ids)
+        spans = self.expanded_batch_spans(input_ids)
         self._metadata = {}
         missing = [b for b, s in enumerate(spans) if len(s.seq_pos) == 0]
         if missing:

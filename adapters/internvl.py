@@ -9,7 +9,11 @@ no thumbnail). The tile count is recovered from ``input_ids`` (no processor meta
 
 Videos: the InternVL processor expands a video into one ``<img>...</img>`` block per frame, which
 ``input_ids`` cannot tell apart from images; each frame is therefore one "image" unit here
-(``scope="image"`` budgets each frame).
+(``scope="image"`` budgets each frame). Grouping frames into one video is not possible from what the
+model receives (transformers 5.24): the processor pops ``num_patches`` and ``pixel_values_videos`` and
+merges the frames into ``pixel_values``, the config has no video token id, and the frame blocks are
+separated only by the plain text ``Frame{i}:`` (one line per frame), whose token ids depend on the tokenizer (the
+adapter has none), so a video is indistinguishable from single-tile images written one after another.
 """
 
 from __future__ import annotations

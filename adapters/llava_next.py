@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.base import MetadataMismatch, SpliceAdapter, VisionInfo, VisualSpans
 
 from vtr.tokens import ImageLayout
 
@@ -169,12 +169,12 @@ class LlavaNextAdapter(SpliceAdapter):
                 try:
                     size = next(it)
                 except StopIteration:
-                    raise ValueError("input_ids hold more images than `image_sizes` describes") from None
+                    raise MetadataMismatch("input_ids hold more images than `image_sizes` describes") from None
                 base, h, w = self.image_rows(size)
                 n = base + h * (w + 1)
                 rows = pos[start : start + n]
                 if len(rows) != n:
-                    raise ValueError(
+                    raise MetadataMismatch(
                         f"an image of size {size} needs {n} <image> rows but input_ids hold {len(rows)}: the prompt "
                         "was not expanded by this model's LlavaNextProcessor"
                     )
@@ -182,7 +182,7 @@ class LlavaNextAdapter(SpliceAdapter):
                 start += n
             out.append(pack_parts(parts, self.drop_newlines, empty=pos))
         if next(it, None) is not None:
-            raise ValueError("`image_sizes` describes more images than input_ids hold")
+            raise MetadataMismatch("`image_sizes` describes more images than input_ids hold")
         return out
 
     def visual_spans(self, input_ids: Tensor) -> VisualSpans:

@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import VisionInfo, VisualSpans
+from vtr.adapters.base import MetadataMismatch, VisionInfo, VisualSpans
 from vtr.adapters.llava_next import LlavaNextAdapter, SpanPart, pack_parts
 
 __all__ = ["LlavaOnevisionAdapter", "onevision_canvas"]
@@ -163,7 +163,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                     try:
                         size, tiled = next(images)
                     except StopIteration:
-                        raise ValueError(
+                        raise MetadataMismatch(
                             "input_ids hold more images than `image_sizes` describes (pass the processor outputs, "
                             "including `image_sizes` and `batch_num_images`)"
                         ) from None
@@ -173,7 +173,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 token = self.video_token_id if is_video else self.image_token_id
                 if len(rows) != n or not bool((ids[rows] == token).all()):
                     what = f"a video of {frames} frames" if is_video else f"an image of size {size}"
-                    raise ValueError(
+                    raise MetadataMismatch(
                         f"{what} needs {n} rows but input_ids hold a different run: the prompt was not expanded by "
                         "this model's LlavaOnevisionProcessor (or the processor and model configs differ)"
                     )
@@ -191,5 +191,5 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
                 start += n
             out.append(pack_parts(parts, self.drop_newlines, empty=pos))
         if next(images, None) is not None:
-            raise ValueError("`image_sizes` describes more images than input_ids hold")
+            raise MetadataMismatch("`image_sizes` describes more images than input_ids hold")
         return out

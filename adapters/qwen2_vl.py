@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, SpliceState, VisionInfo, VisualSpans
+from vtr.adapters.base import MetadataMismatch, SpliceAdapter, SpliceState, VisionInfo, VisualSpans
 
 from vtr.tokens import ImageLayout
 
@@ -118,7 +118,7 @@ class Qwen2VLAdapter(SpliceAdapter):
                 try:
                     t, h, w = next(it[kind])
                 except StopIteration:
-                    raise ValueError(
+                    raise MetadataMismatch(
                         f"input_ids hold more {kind}s than `{kind}_grid_thw` describes ({len(grids[kind])})"
                     ) from None
                 used[kind] += 1
@@ -126,7 +126,7 @@ class Qwen2VLAdapter(SpliceAdapter):
                 run = vis[offset : offset + n]
                 tok = self.image_token_id if kind == "image" else self.video_token_id
                 if len(run) != n or not bool((ids[b, run] == tok).all()) or int(run[-1] - run[0]) != n - 1:
-                    raise ValueError(
+                    raise MetadataMismatch(
                         f"{kind} {used[kind] - 1} has grid {(t, h, w)} = {n} tokens, but input_ids hold a different "
                         f"run of {kind} tokens: the prompt was not expanded by this model's processor"
                     )
@@ -137,7 +137,7 @@ class Qwen2VLAdapter(SpliceAdapter):
             out.append(VisualSpans(seq_pos=vis, layout=tuple(layout)))
         for kind, rows in grids.items():
             if used[kind] != len(rows):
-                raise ValueError(
+                raise MetadataMismatch(
                     f"`{kind}_grid_thw` describes {len(rows)} {kind}(s) but input_ids hold {used[kind]}"
                 )
         return out

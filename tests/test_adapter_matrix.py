@@ -374,3 +374,35 @@ def test_video_frame_scope(family: str) -> None:
     per_frame = video.grids[0][1] * video.grids[0][2]
     counts = torch.bincount(kept // per_frame, minlength=len(video.grids)).tolist()
     assert counts == [resolve_keep(0.25, per_frame)] * len(video.grids)
+
+
+# --------------------------------------------------------------------------------------------- expanded batches
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_generate_beams_and_return_sequences(family: str) -> None:
+    """``generate`` encodes images before repeating each sample (``num_beams`` / ``num_return_sequences``):
+    the captured grid metadata serves every copy. Identity at keep=1.0 with beam search, and a reduced run
+    reduces every copy exactly like the unexpanded batch does."""
+    fam = FAMILIES[family]
+    case = "video-b3" if fam.video else "multi-b3"
+    inputs, *_ = _reference(family, case)
+    model, _ = model_and_processor(family)
+    beams = dict(GEN, num_beams=2)
+    with torch.no_grad():
+        ref = model.generate(**inputs, **beams)
+    bsz = inputs["input_ids"].shape[0]
+    vtr.wrap(model, Random(keep=1.0))
+    try:
+        with torch.no_grad():
+            assert torch.equal(model.generate(**inputs, **beams), ref)
+        vtr.wrap(model, Random(keep=0.3))
+        with torch.no_grad():
+            model.generate(**inputs, **GEN)
+            plain = model.vtr.report
+            want = [(plain.original_tokens[b], plain.tokens_out(b)) for b in range(bsz)]
+            out = model.generate(**inputs, **dict(GEN, num_beams=2, num_return_sequences=2))
+            report = model.vtr.report
+    finally:
+        vtr.unwrap(model)
+    assert out.shape[0] == 2 * bsz
+    got = [(report.original_tokens[r], report.tokens_out(r)) for r in range(2 * bsz)]
+    assert got == [w for w in want for _ in range(2)]
