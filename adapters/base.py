@@ -227,7 +227,10 @@ class SpliceAdapter(Adapter):
         self._input_ids: Tensor | None = None
         self._state: SpliceState | None = None
         self._metadata: dict[str, Any] = {}
+        self._labels: Tensor | None = None
+        self._label_map = None
         self._handles.append(self.model.register_forward_pre_hook(self._top_hook, with_kwargs=True))
+        self._handles.append(self.model.register_forward_hook(self._top_post_hook, with_kwargs=True))
         self._handles.append(self.base_model().register_forward_pre_hook(self._base_hook, with_kwargs=True))
         self._handles.append(self.language_model().register_forward_pre_hook(self._lm_hook, with_kwargs=True))
         self._handles.append(self.language_model().register_forward_hook(self._lm_post_hook))
@@ -240,14 +243,31 @@ class SpliceAdapter(Adapter):
         self._input_ids = None
         self._state = None
         self._metadata = {}
+        self._labels = None
+        self._label_map = None
 
     def _top_hook(self, module, args, kwargs):
-        if kwargs.get("labels") is not None:
-            raise NotImplementedError(
-                "vtr does not map `labels` onto a reduced sequence: the logits cover the reduced prompt. "
-                "Compute the loss outside the model (model.vtr.report lists the kept rows) or unwrap first."
-            )
-        return None
+        # Labels are mapped onto the reduced sequence after the call (see _top_post_hook): the model must
+        # not compute its loss on logits that no longer line up with them.
+        self._labels = kwargs.get("labels")
+        self._label_map = None
+        if self._labels is None:
+            return None
+        out = dict(kwargs)
+        out["labels"] = None
+        return args, out
+
+    def _top_post_hook(self, module, args, kwargs, output):
+        labels, self._labels = self._labels, None
+        if labels is None or getattr(output, "logits", None) is None:
+            return None
+        if self._label_map is not None:
+            labels = self._label_map(labels)
+        logits = output.logits
+        labels = labels[:, -logits.shape[1] :].to(logits.device)
+        vocab = module.config.get_text_config().vocab_size
+        output.loss = module.loss_function(logits=logits, labels=labels, vocab_size=vocab)
+        return output
 
     def _base_hook(self, module, args, kwargs):
         ids = kwargs.get("input_ids", args[0] if args else None)
@@ -378,6 +398,7 @@ class SpliceAdapter(Adapter):
             shift=torch.tensor(shifts, device=device),
             next_pos=next_pos,
         )
+        self._label_map = functools.partial(_map_labels, kept_rows=kept_rows, new_len=new_len, left=left)
         #: Sequence positions (in the unreduced prompt) each sample kept, ``[n_b]`` ascending, and the
         #: spans found: for tests, overlays and mapping labels.
         self.last_kept_rows = kept_rows
@@ -418,6 +439,20 @@ class SpliceAdapter(Adapter):
         elif bool(shift.any()):
             out["position_ids"] = pos - shift.view(*([1] * (pos.ndim - 2)), -1, 1)
         return out
+
+
+def _map_labels(labels: Tensor, *, kept_rows: list[Tensor], new_len: int, left: bool) -> Tensor:
+    """Labels ``[B, L]`` of the unreduced prompt -> ``[B, new_len]`` on the reduced one (-100 on padding).
+
+    Text rows keep their labels; labels of pruned visual rows disappear (they are -100 in practice: the
+    next-token target of a text row is still the token that follows it).
+    """
+    out = labels.new_full((labels.shape[0], new_len), -100)
+    for b, rows in enumerate(kept_rows):
+        n = rows.shape[0]
+        sl = slice(new_len - n, new_len) if left else slice(0, n)
+        out[b, sl] = labels[b, rows.to(labels.device)]
+    return out
 
 
 class _InstanceWrapper:

@@ -261,12 +261,35 @@ def test_no_image_span_raises(llava, make_inputs):
         greedy(model, text_only, n=1)
 
 
-def test_labels_and_embeds_only_are_refused(llava, make_inputs):
+def test_labels_are_mapped_onto_the_reduced_sequence(llava, make_inputs):
+    model, _ = llava
+    inputs = make_inputs([("what colour ?", 1), ("is there a red circle on the left ?", 2)])
+    labels = inputs["input_ids"].masked_fill(inputs["input_ids"] == model.config.image_token_id, -100)
+    labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+    with torch.no_grad():
+        ref = model(**inputs, labels=labels).loss
+        with vtr.reduced(model, "divprune", keep=1.0):
+            same = model(**inputs, labels=labels).loss
+        with vtr.reduced(model, "divprune", keep=0.25):
+            out = model(**inputs, labels=labels)
+            kept = model.vtr.adapter.last_kept_rows
+    torch.testing.assert_close(same, ref, atol=1e-6, rtol=0)
+    # By hand: gather the labels of the kept rows, left-pad like the splice, shifted cross-entropy.
+    new_len = out.logits.shape[1]
+    manual = torch.full((2, new_len), -100)
+    for b, rows in enumerate(kept):
+        manual[b, new_len - len(rows) :] = labels[b, rows]
+    expected = torch.nn.functional.cross_entropy(
+        out.logits[:, :-1].reshape(-1, out.logits.shape[-1]), manual[:, 1:].reshape(-1), ignore_index=-100
+    )
+    torch.testing.assert_close(out.loss, expected, atol=1e-5, rtol=1e-5)
+    assert not torch.isclose(out.loss, ref)
+
+
+def test_embeds_only_is_refused(llava, make_inputs):
     model, _ = llava
     inputs = make_inputs([("what ?", 1)])
     vtr.wrap(model, "divprune", keep=0.25)
-    with pytest.raises(NotImplementedError, match="labels"):
-        model(**inputs, labels=inputs["input_ids"])
     with torch.no_grad():
         emb = model.get_input_embeddings()(inputs["input_ids"])
     with pytest.raises(ValueError, match="needs `input_ids`"):
