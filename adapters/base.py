@@ -95,6 +95,23 @@ class VisionInfo:
     unit_order: str = "raster"
 
 
+def tower_vision_info(model: nn.Module, *, has_cls: bool) -> VisionInfo:
+    """:class:`VisionInfo` of a LLaVA-family tower (CLIP/SigLIP at ``model.vision_tower``, one patch per token)."""
+    vc = model.config.vision_config
+    layer = model.config.vision_feature_layer
+    return VisionInfo(
+        encoder="model.vision_tower",
+        blocks="model.vision_tower.encoder.layers",
+        num_blocks=int(vc.num_hidden_layers),
+        patch_size=int(vc.patch_size),
+        unit="patch",
+        unit_patches=1,
+        has_cls=has_cls,
+        feature_layer=int(layer) if isinstance(layer, int) else None,
+        attention="full",
+    )
+
+
 class Adapter:
     """Base of all adapters. Subclasses set ``model_classes`` and ``supported_stages``."""
 

@@ -6,7 +6,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
 
 from vtr.tokens import ImageLayout
 
@@ -40,19 +40,7 @@ class LlavaAdapter(SpliceAdapter):
 
     @property
     def vision_info(self) -> VisionInfo:
-        vc = self.model.config.vision_config
-        layer = self.model.config.vision_feature_layer
-        return VisionInfo(
-            encoder="model.vision_tower",
-            blocks="model.vision_tower.encoder.layers",
-            num_blocks=int(vc.num_hidden_layers),
-            patch_size=int(vc.patch_size),
-            unit="patch",
-            unit_patches=1,
-            has_cls=True,
-            feature_layer=int(layer) if isinstance(layer, int) else None,
-            attention="full",
-        )
+        return tower_vision_info(self.model, has_cls=True)
 
     def visual_spans(self, input_ids: Tensor) -> VisualSpans:
         seq_pos = torch.nonzero(input_ids == self.image_token_id, as_tuple=False).flatten()

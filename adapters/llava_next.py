@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.base import MetadataMismatch, SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
 
 from vtr.tokens import ImageLayout
 
@@ -120,19 +120,7 @@ class LlavaNextAdapter(SpliceAdapter):
 
     @property
     def vision_info(self) -> VisionInfo:
-        vc = self.model.config.vision_config
-        layer = self.model.config.vision_feature_layer
-        return VisionInfo(
-            encoder="model.vision_tower",
-            blocks="model.vision_tower.encoder.layers",
-            num_blocks=int(vc.num_hidden_layers),
-            patch_size=int(vc.patch_size),
-            unit="patch",
-            unit_patches=1,
-            has_cls=True,
-            feature_layer=int(layer) if isinstance(layer, int) else None,
-            attention="full",
-        )
+        return tower_vision_info(self.model, has_cls=True)
 
     def image_rows(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
         """``(base, H', W')`` of one image; its row count is ``base + H' * (W' + 1)``."""

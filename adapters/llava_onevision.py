@@ -36,7 +36,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, VisionInfo, VisualSpans
+from vtr.adapters.base import MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 from vtr.adapters.llava_next import LlavaNextAdapter, SpanPart, pack_parts
 
 __all__ = ["LlavaOnevisionAdapter", "onevision_canvas"]
@@ -89,19 +89,8 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
 
     @property
     def vision_info(self) -> VisionInfo:
-        vc = self.model.config.vision_config
-        layer = self.model.config.vision_feature_layer
-        return VisionInfo(
-            encoder="model.vision_tower",
-            blocks="model.vision_tower.encoder.layers",
-            num_blocks=int(vc.num_hidden_layers),
-            patch_size=int(vc.patch_size),
-            unit="patch",
-            unit_patches=1,
-            has_cls=False,  # CLS-attention signals use the mean attention received (vtr substitute)
-            feature_layer=int(layer) if isinstance(layer, int) else None,
-            attention="full",
-        )
+        # SigLIP has no CLS: CLS-attention signals will use the mean attention each token receives.
+        return tower_vision_info(self.model, has_cls=False)
 
     # ------------------------------------------------------------------ layout
     def onevision_rows(self, image_size: tuple[int, int], tiled: bool) -> tuple[int, int, int, int]:
