@@ -96,6 +96,31 @@ def build_word_tokenizer(
     return fast
 
 
+def _text_kwargs(tokenizer, hidden: int, layers: int, *, mlp_ratio: int = 2, max_positions: int = 4096) -> dict:
+    """Config fields every tiny decoder shares (4 heads, 2 KV heads, the tokenizer's special ids)."""
+    return dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden,
+        intermediate_size=hidden * mlp_ratio,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=max_positions,
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+    )
+
+
+def _finish(model, tokenizer, attn_implementation: str):
+    """Common tail of the factories: attention backend, generation config, eval mode."""
+    model.set_attn_implementation(attn_implementation)
+    model.generation_config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.generation_config.bos_token_id = tokenizer.bos_token_id
+    return model.eval()
+
+
 def tiny_llava(
     *,
     image_size: int = 64,
@@ -135,16 +160,7 @@ def tiny_llava(
         projection_dim=vision_hidden,
     )
     text = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=text_hidden * 4,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=2048,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
+        **_text_kwargs(tokenizer, text_hidden, text_layers, mlp_ratio=4, max_positions=2048),
         tie_word_embeddings=False,
     )
     config = LlavaConfig(
@@ -158,12 +174,7 @@ def tiny_llava(
     )
     config.pad_token_id = tokenizer.pad_token_id
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    model.eval()
+    model = _finish(LlavaForConditionalGeneration(config), tokenizer, attn_implementation)
     image_processor = CLIPImageProcessor(
         size={"shortest_edge": image_size},
         crop_size={"height": image_size, "width": image_size},
@@ -206,31 +217,13 @@ def _qwen_tokenizer(words: list[str] | None):
     )
 
 
-def _finish(model, tokenizer, attn_implementation: str):
-    """Common tail of the factories: attention backend, generation config, eval mode."""
-    model.set_attn_implementation(attn_implementation)
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
-    model.generation_config.bos_token_id = tokenizer.bos_token_id
-    return model.eval()
-
-
 def _qwen_text_config(tokenizer, text_hidden: int, text_layers: int) -> dict:
     heads = 4
     half = text_hidden // heads // 2  # rotary half-dimension, split over (t, h, w)
     section = [half - 2 * (half // 4), half // 4, half // 4]
     return dict(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=text_hidden * 2,
-        num_hidden_layers=text_layers,
-        num_attention_heads=heads,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
+        **_text_kwargs(tokenizer, text_hidden, text_layers),
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section},
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
     )
 
 
@@ -390,18 +383,7 @@ def tiny_internvl(
         },
     )
     per_tile = (tile_size // patch_size // 2) ** 2
-    text = Qwen2Config(
-        vocab_size=len(tokenizer),
-        hidden_size=text_hidden,
-        intermediate_size=text_hidden * 2,
-        num_hidden_layers=text_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
+    text = Qwen2Config(**_text_kwargs(tokenizer, text_hidden, text_layers))
     config = InternVLConfig(
         vision_config=dict(
             hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
@@ -464,12 +446,7 @@ def tiny_llava_next(
         hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
         num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
     )
-    text = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text = LlamaConfig(**_text_kwargs(tokenizer, text_hidden, text_layers), tie_word_embeddings=False)
     config = LlavaNextConfig(
         vision_config=vision,
         text_config=text,
@@ -538,12 +515,7 @@ def tiny_llava_onevision(
         hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
         num_attention_heads=4, image_size=image_size, patch_size=patch_size, vision_use_head=False,
     )
-    text = Qwen2Config(
-        vocab_size=len(tokenizer), hidden_size=text_hidden, intermediate_size=text_hidden * 2,
-        num_hidden_layers=text_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
-    )
+    text = Qwen2Config(**_text_kwargs(tokenizer, text_hidden, text_layers), tie_word_embeddings=False)
     config = LlavaOnevisionConfig(
         vision_config=vision,
         text_config=text,
