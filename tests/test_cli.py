@@ -106,3 +106,38 @@ def test_console_script_installed():
     cmd = [exe] if exe else [sys.executable, "-m", "vtr.cli"]
     res = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "run" in res.stdout and "bench" in res.stdout
+
+
+@pytest.mark.parametrize("factory", ["tiny_qwen2_vl", "tiny_internvl"])
+def test_run_with_local_model_dir(capsys, tmp_path, factory):
+    import vtr.testing
+
+    model, processor = getattr(vtr.testing, factory)()
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    assert (
+        main(
+            [
+                "run",
+                "--model",
+                str(tmp_path),
+                "--image",
+                str(SAMPLE),
+                "--prompt",
+                "what colour ?",
+                "--keep",
+                "0.25",
+                "--max-new-tokens",
+                "2",
+            ]
+        )
+        == 0
+    )
+    tokens_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("visual tokens"))
+    before, after = int(tokens_line.split()[2]), int(tokens_line.split()[3])
+    assert after == round(0.25 * before) and before > 0
+
+
+def test_run_with_a_folder_that_is_not_a_model(capsys, tmp_path):
+    assert main(["run", "--model", str(tmp_path), "--image", str(SAMPLE), "--prompt", "what ?"]) == 2
+    assert "holds no config.json" in capsys.readouterr().err
