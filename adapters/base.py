@@ -394,6 +394,10 @@ class SpliceAdapter(Adapter):
             rows_p.append(p[..., keep])
             shifts.append(removed if compact else 0)
         new_len = max(r.shape[0] for r in rows_e)
+        report.set_prompt_tokens(
+            [(int(mask[b].sum()), int(rows_m[b].sum())) for b in range(bsz)],
+            self.model.config.get_text_config(),
+        )
         left = not bool((mask[:, -1] == 0).any())  # right padding only when some row ends in padding
         new_e = embeds.new_zeros(bsz, new_len, embeds.shape[-1])
         new_m = mask.new_zeros(bsz, new_len)

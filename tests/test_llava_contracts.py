@@ -345,3 +345,21 @@ def test_beam_search_identity_and_reduced(llava, make_inputs):
             assert model.vtr.report.tokens_out(0) == 64
     assert torch.equal(ref, same)
     assert out.shape == (4, inputs["input_ids"].shape[1] + 4)
+
+
+def test_report_prompt_tokens_and_flops(llava, make_inputs):
+    from vtr.profile import decoder_prefill_flops
+
+    model, _ = llava
+    inputs = make_inputs([("what ?", 1), ("is there a red circle on the left ?", 2)])
+    vtr.wrap(model, "divprune", keep=0.25)
+    greedy(model, inputs, n=1)
+    rep = model.vtr.report
+    valid = inputs["attention_mask"].sum(1).tolist()
+    assert rep.prompt_tokens == [(valid[0], valid[0] - 192), (valid[1], valid[1] - 384)]
+    cfg = model.config.text_config
+    assert rep.llm_prefill_flops[1] == (
+        decoder_prefill_flops(cfg, valid[1]),
+        decoder_prefill_flops(cfg, valid[1] - 384),
+    )
+    assert rep.to_dict()["prompt_tokens"][0] == list(rep.prompt_tokens[0])

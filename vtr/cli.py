@@ -126,6 +126,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ("prefill ms", f"{base_prefill * 1e3:.1f}", f"{red_prefill * 1e3:.1f}"),
         ("generate ms", f"{base_gen * 1e3:.1f}", f"{red_gen * 1e3:.1f}"),
     ]
+    if report.llm_prefill_flops:
+        f0, f1 = report.llm_prefill_flops[0]
+        rows.append(("LLM prefill GFLOPs", f"{f0 / 1e9:.3f}", f"{f1 / 1e9:.3f} ({100 * f1 / f0:.1f}%)"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
     print(f"model: {args.model or 'bundled tiny model'}   recipe: {recipe_desc}")

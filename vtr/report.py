@@ -38,6 +38,10 @@ class Report:
 
     records: list[StageRecord] = field(default_factory=list)
     original_tokens: list[int] = field(default_factory=list)  # visual rows per sample before reduction
+    #: Per sample: (prompt rows the LLM would see unreduced, rows it saw), padding excluded.
+    prompt_tokens: list[tuple[int, int]] = field(default_factory=list)
+    #: Per sample: analytic LLM prefill FLOPs (unreduced, reduced); empty when the config is not decoder-shaped.
+    llm_prefill_flops: list[tuple[float, float]] = field(default_factory=list)
 
     def add(
         self,
@@ -86,9 +90,23 @@ class Report:
             )
         return "\n".join(lines)
 
+    def set_prompt_tokens(self, rows: list[tuple[int, int]], text_config=None) -> None:
+        """Record prompt lengths per sample and, for a decoder-shaped ``text_config``, prefill FLOPs."""
+        from vtr.profile import decoder_prefill_flops
+
+        self.prompt_tokens = rows
+        try:
+            self.llm_prefill_flops = [
+                (decoder_prefill_flops(text_config, a), decoder_prefill_flops(text_config, b)) for a, b in rows
+            ]
+        except AttributeError:  # not a decoder config we can count (FLOPs are informational only)
+            self.llm_prefill_flops = []
+
     def to_dict(self) -> dict:
         return {
             "original_tokens": list(self.original_tokens),
+            "prompt_tokens": [list(r) for r in self.prompt_tokens],
+            "llm_prefill_flops": [list(r) for r in self.llm_prefill_flops],
             "records": [
                 {
                     "sample": r.sample,
