@@ -16,7 +16,18 @@ MAPPING = {"vtr": "vtr", "adapters": "vtr/adapters", "kernels": "vtr/kernels", "
 @pytest.mark.slow
 def test_wheel_layout(tmp_path):
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", str(ROOT), "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            str(ROOT),
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+        ],
         check=True,
         timeout=300,
     )
