@@ -262,11 +262,21 @@ def main(argv: list[str] | None = None) -> int:
         "counts or the clock (for shared CPUs; data stay a function of the step, timing does not)",
     )
     ap.add_argument("--pretrain-frac", type=float, default=0.12, help="budget share of the tower-only stage")
+    ap.add_argument(
+        "--type-weights", default=None,
+        help="question-type sampling weights, e.g. 'exist=2.2,location=2.2' (others keep the defaults)",
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
+    weights = dict(TYPE_WEIGHTS)
+    for item in filter(None, (args.type_weights or "").split(",")):
+        k, v = item.split("=")
+        if k not in weights:
+            raise SystemExit(f"unknown question type {k!r} in --type-weights; expected {list(weights)}")
+        weights[k] = float(v)
     torch.manual_seed(args.seed)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -337,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             s2 = step - pre_end
             pv, pc, ps, ids, mask, (rows, cols, ys) = batcher.train_batch(
-                s2, args.seed, args.batch, args.qpi, TYPE_WEIGHTS
+                s2, args.seed, args.batch, args.qpi, weights
             )
             for g in opt.param_groups:
                 g["lr"] = lr_at_progress(full_progress(s2), s2, args.lr)
