@@ -45,7 +45,12 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--recipe", default="divprune", help="recipe name or YAML path (see `vtr recipes`)")
     run.add_argument("--keep", type=_keep, default=None, help="budget: int count or float ratio (recipe default)")
     run.add_argument("--positions", choices=("original", "compact"), default=None, help="position ids of kept tokens")
-    run.add_argument("--max-new-tokens", type=int, default=16)
+    run.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=None,
+        help="tokens to generate (default: the model's generation config, else 16)",
+    )
     run.add_argument("--dtype", default="float32", help="torch dtype to load the model in")
     run.add_argument("--device", default="cpu")
 
@@ -96,18 +101,22 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if args.positions is not None:
         overrides["positions"] = args.positions
     vtr.recipes.build(args.recipe, **overrides)  # validate before loading the model
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the CLI prints a table; weight-loading bars only clutter it
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
     messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
     text = processor.apply_chat_template(messages, add_generation_prompt=True)
     inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
     prompt_len = inputs["input_ids"].shape[1]
+    max_new = args.max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 16
 
     def answer() -> tuple[str, float, float]:
         with torch.inference_mode():
             t0 = time.perf_counter()
             model(**inputs, use_cache=False, logits_to_keep=1)
             t1 = time.perf_counter()
-            out = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+            out = model.generate(**inputs, max_new_tokens=max_new, do_sample=False)
             t2 = time.perf_counter()
         return processor.decode(out[0, prompt_len:], skip_special_tokens=True).strip(), t1 - t0, t2 - t1
 
