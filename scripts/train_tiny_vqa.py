@@ -15,6 +15,13 @@ best-on-validation model is exported with ``save_pretrained`` to ``--work/best``
 final one to ``--out``.
 
     nohup python scripts/train_tiny_vqa.py > /tmp/tiny_vqa.log 2>&1 &
+
+A continuation with a fresh LR schedule (``--extra-min``), strong row/column auxiliary loss and
+left/right-heavy location questions (``--tb-keep``), as used for the bundled checkpoint:
+
+    python scripts/train_tiny_vqa.py --pretrain-steps 500 --steps 5000 --resume --extra-min 34 --lr 3e-4 \
+        --warmup 40 --decay-from 0.35 --pos-aux-weight 1.0 --tb-keep 0.35 \
+        --type-weights colour=0.4,shape=0.3,count=2.0,exist=0.6,location=3.0
 """
 
 from __future__ import annotations
@@ -58,8 +65,9 @@ def build_model(seed: int):
 class AuxHeads(nn.Module):
     """Per-patch heads: colour (6), shape (5), colour x shape (21), column (14), row (14)."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, pos_weight: float = 0.3):
         super().__init__()
+        self.pos_weight = pos_weight
         nc, ns = len(synthqa.COLOURS) + 1, len(synthqa.SHAPES) + 1
         self.colour = nn.Linear(dim, nc)
         self.shape = nn.Linear(dim, ns)
@@ -83,14 +91,17 @@ class AuxHeads(nn.Module):
         for head, y in ((self.colour, pc), (self.shape, ps), (self.combo, combo)):
             ce = F.cross_entropy(head(f).flatten(0, 1), y.flatten(), reduction="none")
             total = total + (ce * w).sum() / w.sum()
-        total = total + 0.3 * (
-            F.cross_entropy(self.col(f).flatten(0, 1), cols.flatten())
-            + F.cross_entropy(self.row(f).flatten(0, 1), rows.flatten())
+        col_logits, row_logits = self.col(f), self.row(f)
+        total = total + self.pos_weight * (
+            F.cross_entropy(col_logits.flatten(0, 1), cols.flatten())
+            + F.cross_entropy(row_logits.flatten(0, 1), rows.flatten())
         )
         with torch.no_grad():
             ok = (self.colour(f).argmax(-1) == pc) & (self.shape(f).argmax(-1) == ps)
             acc_obj = ok[obj].float().mean().item() if obj.any() else 0.0
-        return total, {"aux_obj_acc": acc_obj}
+            acc_col = (col_logits.argmax(-1) == cols).float().mean().item()
+            acc_row = (row_logits.argmax(-1) == rows).float().mean().item()
+        return total, {"aux_obj_acc": acc_obj, "aux_col_acc": acc_col, "aux_row_acc": acc_row}
 
 
 def pixels(images: list[np.ndarray]) -> torch.Tensor:
@@ -102,8 +113,9 @@ def pixels(images: list[np.ndarray]) -> torch.Tensor:
 class Batcher:
     """Builds packed training batches and single-turn evaluation batches as token ids."""
 
-    def __init__(self, tokenizer, n_image_tokens: int):
+    def __init__(self, tokenizer, n_image_tokens: int, tb_keep: float = 1.0):
         self.tok = tokenizer
+        self.tb_keep = tb_keep  # probability of keeping a drawn top/bottom location question
         self.n_img = n_image_tokens
         self.image_id = tokenizer.convert_tokens_to_ids("<image>")
         self.eos = tokenizer.eos_token_id
@@ -138,9 +150,12 @@ class Batcher:
             attempts = 0
             while turns < qpi and attempts < 4 * qpi:
                 attempts += 1
-                qa = synthqa.ask(scene, types[rng.choice(len(types), p=p)], rng)
+                qtype = types[rng.choice(len(types), p=p)]
+                qa = synthqa.ask(scene, qtype, rng)
                 if qa is None:
                     continue
+                if qtype == "location" and qa[1] in ("top", "bottom") and rng.random() >= self.tb_keep:
+                    continue  # re-draw: tilts location questions towards left/right
                 q, a = qa
                 ids += self.user + ([self.image_id] * self.n_img if turns == 0 else []) + self.q_ids(q)
                 ids += self.assistant
@@ -266,6 +281,23 @@ def main(argv: list[str] | None = None) -> int:
         "--type-weights", default=None,
         help="question-type sampling weights, e.g. 'exist=2.2,location=2.2' (others keep the defaults)",
     )
+    ap.add_argument(
+        "--pos-aux-weight", type=float, default=0.3,
+        help="weight of the per-patch row and column auxiliary losses (inside the auxiliary loss)",
+    )
+    ap.add_argument(
+        "--tb-keep", type=float, default=1.0,
+        help="keep a drawn top/bottom location question with this probability, else re-draw (< 1 favours left/right)",
+    )
+    ap.add_argument("--warmup", type=int, default=150, help="full-stage LR warm-up steps")
+    ap.add_argument(
+        "--decay-from", type=float, default=0.7, help="run progress at which the full-stage LR decay starts"
+    )
+    ap.add_argument(
+        "--extra-min", type=float, default=None,
+        help="with --resume: a fresh schedule for the continuation: --extra-min minutes (and at most --steps "
+        "more full steps) from now, with its own --warmup and decay to 5%% of --lr; --budget-min is then ignored",
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--no-bf16", action="store_true")
     args = ap.parse_args(argv)
@@ -282,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     model, processor = build_model(args.seed)
     n_img = (synthqa.IMAGE_SIZE // synthqa.PATCH_SIZE) ** 2
-    batcher = Batcher(processor.tokenizer, n_img)
-    heads = AuxHeads(model.config.vision_config.hidden_size)
+    batcher = Batcher(processor.tokenizer, n_img, tb_keep=args.tb_keep)
+    heads = AuxHeads(model.config.vision_config.hidden_size, pos_weight=args.pos_aux_weight)
     tower_params = list(model.model.vision_tower.parameters()) + list(heads.parameters())
     opt_pre = torch.optim.AdamW(tower_params, lr=1e-3, weight_decay=0.01)
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
@@ -293,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     full_t0: float | None = None  # elapsed seconds when the full stage began
     budget = None if args.budget_min is None else 60.0 * args.budget_min
     best = -1.0
+    s_base = 0  # full-stage step at which the current LR schedule started (non-zero after --extra-min)
     ckpt = work / "ckpt.pt"
     if args.resume and ckpt.is_file():
         state = torch.load(ckpt, weights_only=False)
@@ -304,7 +337,17 @@ def main(argv: list[str] | None = None) -> int:
         elapsed0 = state.get("elapsed", 0.0)
         pre_end = state.get("pre_end", pre_end)
         full_t0 = state.get("full_t0", full_t0)
+        s_base = state.get("s_base", 0)
         print(f"resumed at step {step} (best val {best:.3f})", flush=True)
+        if args.extra_min is not None:
+            if step < pre_end:
+                raise SystemExit("--extra-min continues the full stage; the checkpoint is still pretraining")
+            s_base = step - pre_end
+            full_t0 = elapsed0
+            budget = elapsed0 + 60.0 * args.extra_min
+            print(f"fresh schedule: {args.extra_min} min / {args.steps} steps from full step {s_base}", flush=True)
+    elif args.extra_min is not None:
+        raise SystemExit("--extra-min needs --resume and a checkpoint in --work")
     val = synthqa.split("validation", args.eval_n)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=not args.no_bf16)
     model.train()
@@ -314,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         return time.time() - t0
 
     def full_progress(s2: int) -> float:
-        p = s2 / args.steps
+        p = (s2 - s_base) / args.steps
         if budget is not None and full_t0 is not None:
             p = max(p, (clock() - full_t0) / max(1.0, budget - full_t0))
         return p
@@ -350,7 +393,9 @@ def main(argv: list[str] | None = None) -> int:
                 s2, args.seed, args.batch, args.qpi, weights
             )
             for g in opt.param_groups:
-                g["lr"] = lr_at_progress(full_progress(s2), s2, args.lr)
+                g["lr"] = lr_at_progress(
+                    full_progress(s2), s2 - s_base, args.lr, warmup=args.warmup, decay_from=args.decay_from
+                )
             with autocast:
                 feats = tower_features(model, pv)
                 aux, info = heads.loss(feats, pc, ps)
@@ -372,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"step {step} {'pre' if step <= pre_end else 'full'} lr {opt.param_groups[0]['lr']:.2e} "
                 f"loss {run_loss / n_log:.4f} aux {run_aux / n_log:.4f} train_acc {run_acc / n_log:.3f} "
-                f"aux_obj_acc {info['aux_obj_acc']:.3f} elapsed {el / 60:.1f} min",
+                f"aux_obj_acc {info['aux_obj_acc']:.3f} col/row {info['aux_col_acc']:.2f}/{info['aux_row_acc']:.2f} "
+                f"elapsed {el / 60:.1f} min",
                 flush=True,
             )
             run_loss = run_aux = run_acc = 0.0
@@ -390,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             torch.save(
                 {"model": model.state_dict(), "heads": heads.state_dict(), "opt_pre": opt_pre.state_dict(),
                  "opt": opt.state_dict(), "step": step, "best": best, "elapsed": clock(),
-                 "pre_end": pre_end, "full_t0": full_t0},
+                 "pre_end": pre_end, "full_t0": full_t0, "s_base": s_base},
                 tmp,
             )
             tmp.replace(ckpt)
