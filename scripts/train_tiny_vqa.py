@@ -456,6 +456,8 @@ def export(model, processor, path: Path) -> None:
     was = model.training
     model.eval()
     path.mkdir(parents=True, exist_ok=True)
+    # The model answers with one word and is not trained to emit an end token: stop after the answer.
+    model.generation_config.max_new_tokens = 1
     model.save_pretrained(path, safe_serialization=True)
     processor.save_pretrained(path)
     model.train(was)
