@@ -14,52 +14,36 @@ from vtr.cli import main
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
 
 
+def run(*args: str, prompt: str = "What colour is the circle?") -> int:
+    return main(["run", "--image", str(SAMPLE), "--prompt", prompt, *args])
+
+
+def visual_tokens(out: str) -> tuple[int, int]:
+    """(before, after) from the ``visual tokens`` row of ``vtr run``."""
+    line = next(line for line in out.splitlines() if line.startswith("visual tokens"))
+    return int(line.split()[2]), int(line.split()[3])
+
+
 def test_run_prints_both_answers_tokens_and_timings(capsys):
-    assert (
-        main(
-            [
-                "run",
-                "--image",
-                str(SAMPLE),
-                "--prompt",
-                "What colour is the circle?",
-                "--keep",
-                "0.25",
-                "--max-new-tokens",
-                "3",
-            ]
-        )
-        == 0
-    )
+    assert run("--keep", "0.25") == 0
     out = capsys.readouterr().out
     assert "baseline" in out and "reduced (divprune)" in out
-    tokens_line = next(line for line in out.splitlines() if line.startswith("visual tokens"))
-    before, after = tokens_line.split()[2], tokens_line.split()[3]
-    assert int(after) == round(0.25 * int(before))
-    assert "prefill ms" in out and "generate ms" in out and "answer" in out
+    before, after = visual_tokens(out)
+    assert after == round(0.25 * before)
+    assert "prefill ms" in out and "generate ms" in out and "LLM prefill GFLOPs" in out
+
+
+def test_default_model_answers_meaningfully(capsys):
+    """The bundled trained model sees a purple circle in the sample image, with and without reduction."""
+    assert run("--keep", "0.25") == 0
+    answer_row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("answer"))
+    assert answer_row.split()[1:] == ["purple", "purple"]
 
 
 def test_run_with_yaml_recipe_and_compact_positions(capsys, tmp_path):
     f = tmp_path / "r.yaml"
     f.write_text("ops:\n  - op: Pool\n    keep: 0.25\n")
-    assert (
-        main(
-            [
-                "run",
-                "--image",
-                str(SAMPLE),
-                "--prompt",
-                "what ?",
-                "--recipe",
-                str(f),
-                "--positions",
-                "compact",
-                "--max-new-tokens",
-                "1",
-            ]
-        )
-        == 0
-    )
+    assert run("--recipe", str(f), "--positions", "compact", "--max-new-tokens", "1", prompt="what ?") == 0
     assert "Pool(keep=0.25" in capsys.readouterr().out
 
 
@@ -115,26 +99,8 @@ def test_run_with_local_model_dir(capsys, tmp_path, factory):
     model, processor = getattr(vtr.testing, factory)()
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
-    assert (
-        main(
-            [
-                "run",
-                "--model",
-                str(tmp_path),
-                "--image",
-                str(SAMPLE),
-                "--prompt",
-                "what colour ?",
-                "--keep",
-                "0.25",
-                "--max-new-tokens",
-                "2",
-            ]
-        )
-        == 0
-    )
-    tokens_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("visual tokens"))
-    before, after = int(tokens_line.split()[2]), int(tokens_line.split()[3])
+    assert run("--model", str(tmp_path), "--keep", "0.25", "--max-new-tokens", "2", prompt="what colour ?") == 0
+    before, after = visual_tokens(capsys.readouterr().out)
     assert after == round(0.25 * before) and before > 0
 
 
