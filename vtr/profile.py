@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["decoder_prefill_flops", "interleaved_medians", "median_seconds", "vit_flops"]
+__all__ = ["decoder_prefill_flops", "interleaved_medians", "vit_flops"]
 
 
 def _mlp_matrices(cfg: Any) -> int:
@@ -43,19 +43,6 @@ def vit_flops(cfg: Any, n_tokens: int, layers: int | None = None) -> float:
     mlp = 2 * n_tokens * 2 * h * i
     attn = 2 * 2 * h * n_tokens * n_tokens
     return float(layers * (proj + mlp + attn))
-
-
-def median_seconds(fn: Callable[[], Any], repeats: int = 3, warmup: int = 1) -> float:
-    """Median wall time of ``fn()`` over ``repeats`` runs after ``warmup`` runs (inference mode)."""
-    with torch.inference_mode():
-        for _ in range(warmup):
-            fn()
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def interleaved_medians(fns: list[Callable[[], Any]], repeats: int = 3, warmup: int = 1) -> list[float]:

@@ -60,10 +60,6 @@ class Report:
             images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept))
         self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 
-    @property
-    def samples(self) -> int:
-        return len(self.original_tokens)
-
     def tokens_out(self, sample: int = 0) -> int:
         """Visual tokens of ``sample`` after the last operator (the LLM input)."""
         recs = [r for r in self.records if r.sample == sample]
