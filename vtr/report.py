@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import torch
+
 from vtr.tokens import VisualTokens
 
 __all__ = ["ImageRecord", "Report", "StageRecord"]
@@ -17,6 +19,9 @@ class ImageRecord:
     tokens_in: int
     tokens_out: int
     kept: list[int]  # original indices within the image, ascending (representatives for merged tokens)
+    #: For each original unit of the image, the position in ``kept`` of the token covering it (``-1``:
+    #: dropped); ``None`` when no token was merged (each kept token covers only itself).
+    groups: list[int] | None = None
 
 
 @dataclass
@@ -54,10 +59,19 @@ class Report:
         seconds: float,
     ) -> None:
         images = []
+        owner = after.owner
         for i, im in enumerate(after.layout):
-            mask = after.image == i
-            kept = sorted(int(v) - im.offset for v in after.index[mask].tolist())
-            images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept))
+            pos = (after.image == i).nonzero().flatten()
+            order = torch.argsort(after.index[pos])
+            pos = pos[order]
+            kept = [int(v) - im.offset for v in after.index[pos].tolist()]
+            groups = None
+            if owner is not None:
+                slot = torch.full((len(after),), -1, dtype=torch.long, device=pos.device)
+                slot[pos] = torch.arange(len(pos), device=pos.device)
+                o = owner[im.offset : im.offset + im.n_tokens]
+                groups = torch.where(o >= 0, slot[o.clamp_min(0)], o).tolist()
+            images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept, groups))
         self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 
     def tokens_out(self, sample: int = 0) -> int:

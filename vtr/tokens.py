@@ -46,8 +46,10 @@ class VisualTokens:
         sizes: ``[N]`` float, number of original units each token stands for (1 unless merged).
         protected: ``[N]`` bool, tokens later stages must not drop.
         scores: named per-token signals ``name -> [N]`` captured on demand.
-        sources: ``[N, N_orig]`` bool (original units covered by each token) or ``None`` for the
-            identity (each token covers exactly its ``index``); materialised only by merging operators.
+        owner: ``[N_orig]`` long, the current token covering each ORIGINAL unit (``-1``: dropped), or
+            ``None`` when no token was ever merged (each token covers exactly its ``index``). This sparse
+            form of the sources keeps memory O(N_orig) for long videos; :meth:`source_matrix` gives the
+            dense ``[N, N_orig]`` view on demand.
         layout: per-image static layout, shared by all stages.
     """
 
@@ -60,7 +62,7 @@ class VisualTokens:
     protected: Tensor
     layout: tuple[ImageLayout, ...]
     scores: dict[str, Tensor] = field(default_factory=dict)
-    sources: Tensor | None = None
+    owner: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.embeds.shape[0]
@@ -75,6 +77,8 @@ class VisualTokens:
         for name, s in self.scores.items():
             if s.shape[0] != n:
                 raise ValueError(f"score {name!r} has {s.shape[0]} rows for {n} tokens")
+        if self.owner is not None and self.owner.shape != (self.n_orig,):
+            raise ValueError(f"VisualTokens.owner must have shape ({self.n_orig},), got {tuple(self.owner.shape)}")
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -131,7 +135,7 @@ class VisualTokens:
             sizes=self.sizes[idx],
             protected=self.protected[idx],
             scores={k: v[idx] for k, v in self.scores.items()},
-            sources=None if self.sources is None else self.sources[idx],
+            owner=None if self.owner is None else _reindex_owner(self.owner, idx, len(self)),
         )
 
     def sorted(self) -> VisualTokens:
@@ -150,7 +154,17 @@ class VisualTokens:
         keys = set(first.scores)
         if any(set(p.scores) != keys for p in parts):
             raise ValueError("cannot concatenate VisualTokens with different score names")
-        any_src = any(p.sources is not None for p in parts)
+        owner = None
+        if any(p.owner is not None for p in parts):
+            owner = torch.full((first.n_orig,), -1, dtype=torch.long, device=first.embeds.device)
+            offset = 0
+            for p in parts:
+                o = p.owner_map()
+                covered = o >= 0
+                if bool((owner[covered] >= 0).any()):
+                    raise ValueError("VisualTokens.cat: the parts cover the same original unit twice")
+                owner[covered] = o[covered] + offset
+                offset += len(p)
         return replace(
             first,
             embeds=torch.cat([p.embeds for p in parts]),
@@ -161,15 +175,87 @@ class VisualTokens:
             sizes=torch.cat([p.sizes for p in parts]),
             protected=torch.cat([p.protected for p in parts]),
             scores={k: torch.cat([p.scores[k] for p in parts]) for k in keys},
-            sources=torch.cat([p.source_matrix() for p in parts]) if any_src else None,
+            owner=owner,
         )
 
+    def merge(self, assign: Tensor, embeds: Tensor, rep: Tensor, sizes: Tensor | None = None) -> VisualTokens:
+        """Group the current tokens into ``K`` new ones (pooling, merging, up/down-sampling).
+
+        Args:
+            assign: ``[N]`` long, the output token each current token goes into (``-1``: dropped).
+            embeds: ``[K, D]`` features of the outputs.
+            rep: ``[K]`` long, position (into the current tokens) of each output's representative: the
+                output takes its ORIGINAL index, image, frame and coordinates, i.e. its position.
+            sizes: ``[K]`` original units each output stands for; default: the summed sizes of its members.
+
+        Returns:
+            ``K`` tokens in the given order (call :meth:`sorted` for the LLM order). ``protected`` is set
+            when any member is protected; ``scores`` are size-weighted means of the members (the
+            representative's score for an output without members); sources are tracked in ``owner``.
+        """
+        n, k = len(self), embeds.shape[0]
+        dev = self.embeds.device
+        assign = assign.to(dev, torch.long)
+        rep = rep.to(dev, torch.long)
+        if assign.shape != (n,):
+            raise ValueError(f"merge: assign must have shape ({n},), got {tuple(assign.shape)}")
+        if rep.shape != (k,):
+            raise ValueError(f"merge: rep must have shape ({k},) (one per output embedding), got {tuple(rep.shape)}")
+        if embeds.ndim != 2 or (n and embeds.shape[1] != self.embeds.shape[1]):
+            raise ValueError(f"merge: embeds must be [K, {self.embeds.shape[1]}], got {tuple(embeds.shape)}")
+        if n and (bool((assign < -1).any()) or bool((assign >= k).any())):
+            raise ValueError(
+                f"merge: assign values must lie in [-1, {k}), got range [{int(assign.min())}, {int(assign.max())}]"
+            )
+        if k and (bool((rep < 0).any()) or bool((rep >= n).any())):
+            raise ValueError(f"merge: rep values must lie in [0, {n}), got range [{int(rep.min())}, {int(rep.max())}]")
+        member = assign >= 0
+        dst = assign[member]
+        w = self.sizes[member].float()
+        mass = torch.zeros(k, device=dev).index_add_(0, dst, w)
+        if sizes is None:
+            sizes = mass.to(self.sizes.dtype)
+        elif sizes.shape != (k,):
+            raise ValueError(f"merge: sizes must have shape ({k},), got {tuple(sizes.shape)}")
+        protected = torch.zeros(k, dtype=torch.bool, device=dev)
+        protected[dst[self.protected[member]]] = True
+        scores = {}
+        for name, val in self.scores.items():
+            v = val.float()
+            num = torch.zeros((k, *v.shape[1:]), device=dev).index_add_(
+                0, dst, v[member] * w.view(-1, *[1] * (v.ndim - 1))
+            )
+            den = mass.view(-1, *[1] * (v.ndim - 1))
+            scores[name] = torch.where(den > 0, num / den.clamp_min(1e-12), v[rep]).to(val.dtype)
+        o = self.owner_map()
+        owner = torch.where(o >= 0, assign[o.clamp_min(0)], o)
+        return replace(
+            self,
+            embeds=embeds.to(self.embeds.dtype),
+            index=self.index[rep],
+            image=self.image[rep],
+            frame=self.frame[rep],
+            coords=self.coords[rep],
+            sizes=sizes.to(dev),
+            protected=protected,
+            scores=scores,
+            owner=owner,
+        )
+
+    def owner_map(self) -> Tensor:
+        """``[N_orig]`` long: the current token covering each original unit, ``-1`` where dropped."""
+        if self.owner is not None:
+            return self.owner
+        o = torch.full((self.n_orig,), -1, dtype=torch.long, device=self.embeds.device)
+        o[self.index] = torch.arange(len(self), device=o.device)
+        return o
+
     def source_matrix(self) -> Tensor:
-        """``[N, N_orig]`` bool: which original units each token covers."""
-        if self.sources is not None:
-            return self.sources
+        """``[N, N_orig]`` bool: which original units each token covers (dense; for small inputs and overlays)."""
+        o = self.owner_map()
         m = torch.zeros(len(self), self.n_orig, dtype=torch.bool, device=self.embeds.device)
-        m[torch.arange(len(self), device=m.device), self.index] = True
+        covered = (o >= 0).nonzero().flatten()
+        m[o[covered], covered] = True
         return m
 
     def units(self, scope: str) -> Iterator[tuple[tuple[int, ...], Tensor]]:
@@ -193,6 +279,13 @@ class VisualTokens:
             else:
                 nf = int(self.frame.max()) + 1
                 yield (int(k) // nf, int(k) % nf), pos
+
+
+def _reindex_owner(owner: Tensor, idx: Tensor, n: int) -> Tensor:
+    """Owner map after keeping the tokens at positions ``idx`` (of ``n``): others become ``-1``."""
+    inv = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+    inv[idx.to(owner.device)] = torch.arange(len(idx), device=owner.device)
+    return torch.where(owner >= 0, inv[owner.clamp_min(0)], owner)
 
 
 def _grid_coords(im: ImageLayout) -> tuple[Tensor, Tensor]:

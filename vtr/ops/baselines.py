@@ -84,7 +84,7 @@ class Pool(BudgetOperator):
     scope: str = "image"
 
     def reduce(self, unit: VisualTokens, k: int, ctx: OpContext) -> VisualTokens:
-        if not bool((unit.sizes == 1).all()) or unit.sources is not None:
+        if not bool((unit.sizes == 1).all()) or unit.owner is not None:
             raise ValueError("Pool works on unreduced token grids: place it before merging operators")
         groups = _grid_groups(unit)
         if not groups:
@@ -92,13 +92,43 @@ class Pool(BudgetOperator):
         n_grid = sum(len(pos) for _, _, pos in groups)
         extra = _extra_rows(unit, groups)
         budget = max(k - len(extra), len(groups))
-        parts: list[VisualTokens] = []
+        assign = torch.full((len(unit),), -1, dtype=torch.long, device=unit.embeds.device)
+        reps: list[Tensor] = []
+        n_out = 0
         for (h, w), coords, pos in groups:
             share = max(1, (budget * len(pos)) // n_grid)
-            parts.append(_pool_one(unit, pos, coords, h, w, share))
-        if len(extra):
-            parts.append(unit.take(extra))
-        return VisualTokens.cat(parts)
+            cell_out, cell_rep = _pool_assignment(h, w, share)
+            pos = pos[torch.argsort(coords[:, 1] * w + coords[:, 2])]  # row-major grid order
+            assign[pos] = cell_out.to(pos.device) + n_out
+            reps.append(pos[cell_rep.to(pos.device)])
+            n_out += len(cell_rep)
+        # Rows outside the grids (e.g. newlines) stay as they are.
+        assign[extra] = torch.arange(n_out, n_out + len(extra), device=assign.device)
+        rep = torch.cat([*reps, extra])
+        k_out = n_out + len(extra)
+        total = torch.zeros(k_out, unit.embeds.shape[1], device=unit.embeds.device).index_add_(
+            0, assign, unit.embeds.float()
+        )
+        count = torch.bincount(assign, minlength=k_out).clamp_min(1).unsqueeze(1)
+        return unit.merge(assign, total / count, rep)
+
+
+def _pool_assignment(h: int, w: int, k: int) -> tuple[Tensor, Tensor]:
+    """Adaptive-pooling windows of an ``h x w`` grid with at most ``k`` outputs.
+
+    Returns ``(cell_out [h*w], rep [K])``: the output window of every row-major cell, and each window's
+    representative cell — the one nearest the window centre (lowest index on ties).
+    """
+    oh, ow = pool_grid_shape(h, w, k)
+    cell_out = torch.empty(h * w, dtype=torch.long)
+    reps = []
+    for i, (r0, r1) in enumerate(pool_windows(h, oh)):
+        for j, (c0, c1) in enumerate(pool_windows(w, ow)):
+            cells = [r * w + c for r in range(r0, r1) for c in range(c0, c1)]
+            cell_out[cells] = i * ow + j
+            cy, cx = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
+            reps.append(min(cells, key=lambda c: ((c // w - cy) ** 2 + (c % w - cx) ** 2, c)))
+    return cell_out, torch.tensor(reps, dtype=torch.long)
 
 
 def _grid_groups(unit: VisualTokens) -> list[tuple[tuple[int, int], Tensor, Tensor]]:
@@ -134,34 +164,3 @@ def _extra_rows(unit: VisualTokens, groups) -> Tensor:
     for _, _, pos in groups:
         used[pos] = True
     return (~used).nonzero().flatten()
-
-
-def _pool_one(unit: VisualTokens, pos: Tensor, coords: Tensor, h: int, w: int, k: int) -> VisualTokens:
-    oh, ow = pool_grid_shape(h, w, k)
-    order = torch.argsort(coords[:, 1] * w + coords[:, 2])
-    pos = pos[order]  # row-major grid order
-    rows, reps, members = [], [], []
-    for r0, r1 in pool_windows(h, oh):
-        for c0, c1 in pool_windows(w, ow):
-            cells = [r * w + c for r in range(r0, r1) for c in range(c0, c1)]
-            # Representative: the cell nearest the window centre (lowest index on ties).
-            cy, cx = (r0 + r1 - 1) / 2, (c0 + c1 - 1) / 2
-            rep = min(cells, key=lambda i: ((i // w - cy) ** 2 + (i % w - cx) ** 2, i))
-            rows.append(cells)
-            reps.append(rep)
-    rep_pos = pos[torch.tensor(reps, device=pos.device)]
-    out = unit.take(rep_pos)
-    weights = torch.zeros(len(rows), h * w, dtype=torch.float32, device=unit.embeds.device)
-    for i, cells in enumerate(rows):
-        weights[i, cells] = 1.0 / len(cells)
-        members.append(cells)
-    grid_embeds = unit.embeds[pos].float()
-    out.embeds = (weights @ grid_embeds).to(unit.embeds.dtype)
-    out.sizes = torch.tensor([float(len(c)) for c in members], device=unit.embeds.device)
-    src = torch.zeros(len(rows), unit.n_orig, dtype=torch.bool, device=unit.embeds.device)
-    orig = unit.index[pos]
-    for i, cells in enumerate(members):
-        src[i, orig[torch.tensor(cells, device=orig.device)]] = True
-    out.sources = src
-    out.scores = {name: (weights @ unit.scores[name][pos].float()) for name in unit.scores}
-    return out
