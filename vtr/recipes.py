@@ -217,3 +217,8 @@ def _op_from_dict(entry: Any, path: Path, i: int) -> Operator:
 register("divprune", lambda: [_ops.DivPrune()], "DivPrune: max-min diverse subset, pre-LLM (keep 0.098)")
 register("random", lambda: [_ops.Random()], "Random: seeded uniform subset, pre-LLM baseline (keep 0.25)")
 register("pool", lambda: [_ops.Pool()], "Pool: 2-D average pooling of the token grid, pre-LLM baseline (keep 0.25)")
+register(
+    "storm",
+    lambda: _ops.storm.storm_chain(),
+    "STORM-style training-free pooling of videos: temporal pool k=4, spatial pool p=1, temporal sample stride=1",
+)

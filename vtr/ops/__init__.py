@@ -3,6 +3,7 @@
 from vtr.ops.base import STAGES, BudgetOperator, OpContext, Operator, resolve_keep, validate_keep
 from vtr.ops.baselines import Pool, Random
 from vtr.ops.divprune import DivPrune
+from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
 
 __all__ = [
     "STAGES",
@@ -12,6 +13,9 @@ __all__ = [
     "Operator",
     "Pool",
     "Random",
+    "SpatialPool",
+    "TemporalPool",
+    "TemporalSample",
     "resolve_keep",
     "validate_keep",
 ]
