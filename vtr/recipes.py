@@ -222,3 +222,8 @@ register(
     lambda: _ops.storm.storm_chain(),
     "STORM-style training-free pooling of videos: temporal pool k=4, spatial pool p=1, temporal sample stride=1",
 )
+register(
+    "quota",
+    lambda: [_ops.QuoTA()],
+    "QuoTA: query-aware frame budgets (vlm scorer, query decoupling, bilinear resize), pre-LLM (keep 1.0 of video)",
+)

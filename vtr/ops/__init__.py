@@ -3,6 +3,7 @@
 from vtr.ops.base import STAGES, BudgetOperator, OpContext, Operator, resolve_keep, validate_keep
 from vtr.ops.baselines import Pool, Random
 from vtr.ops.divprune import DivPrune
+from vtr.ops.quota import QuoTA
 from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
 
 __all__ = [
@@ -12,6 +13,7 @@ __all__ = [
     "OpContext",
     "Operator",
     "Pool",
+    "QuoTA",
     "Random",
     "SpatialPool",
     "TemporalPool",
