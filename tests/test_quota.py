@@ -286,6 +286,22 @@ def test_full_budget_with_equal_scores_is_the_identity():
         assert torch.equal(out.index, tokens.index) and torch.equal(out.embeds, tokens.embeds)
 
 
+def test_tome_assigner():
+    """ToMe merges each frame down to its grid's area; outputs sit at merge representatives (frame members)."""
+    tokens = video_tokens(t=3, h=4, w=4)
+    c = ctx(3)
+    out = QuoTA(keep=0.5, scorer=PreferFrames({0, 1, 2}, low=0.0), decouple=False, assigner="tome")(tokens, c)
+    (info,) = c.extras["quota"]
+    assert info.budgets == [8, 8, 8] and info.grids == [(3, 2)] * 3
+    assert len(out) == 18 and out.frame.tolist() == [0] * 6 + [1] * 6 + [2] * 6
+    assert out.sizes.view(3, 6).sum(1).tolist() == [16.0] * 3  # every token of a frame went somewhere
+    owner = out.owner_map()
+    assert torch.equal(owner[out.index], torch.arange(18))  # each representative belongs to its own output
+    # A full budget merges nothing.
+    full = QuoTA(keep=1.0, scorer="constant", decouple=False, assigner="tome")(tokens, ctx(3))
+    assert torch.equal(full.embeds, tokens.embeds)
+
+
 def test_two_input_frames_per_token_frame_are_averaged():
     """Qwen: one token frame = 2 input frames; its score is the mean of theirs."""
     tokens = video_tokens(t=2)
@@ -296,7 +312,7 @@ def test_two_input_frames_per_token_frame_are_averaged():
         QuoTA(scorer=PreferFrames(set()), decouple=False)(tokens, ctx(3))
 
 
-@pytest.mark.parametrize("assigner", ["bilinear", "adaptive_pool", "uniform"])
+@pytest.mark.parametrize("assigner", ["bilinear", "adaptive_pool", "uniform", "tome"])
 @settings(max_examples=25, deadline=None)
 @given(
     t=st.integers(1, 6), h=st.integers(1, 6), w=st.integers(1, 6), keep=st.floats(0.05, 1.0), seed=st.integers(0, 99)
@@ -365,7 +381,6 @@ def test_operator_errors():
         (dict(scorer="siglip"), "QuoTA.scorer must be 'vlm', 'clip', 'constant' or a callable, got 'siglip'"),
         (dict(scorer=3), "QuoTA.scorer must be a name or a callable, got int"),
         (dict(assigner="nearest"), "QuoTA.assigner must be one of"),
-        (dict(assigner="tome"), "needs the pre-LLM ToMe merge of vtr.ops.tome"),
         (dict(power=-1.0), "QuoTA.power must be a finite number > 0, got -1.0"),
         (dict(cap=0), r"QuoTA.cap must be None \(the native count\) or an int >= 1, got 0"),
         (dict(grid="round"), "QuoTA.grid must be one of"),

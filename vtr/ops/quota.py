@@ -327,8 +327,9 @@ class QuoTA(Operator):
             ``"constant"`` (equal scores: uniform budgets, an ablation), or a callable
             ``(frames, query, objects) -> [F]`` scores in [0, 1].
         decouple: rewrite the question into objects with the wrapped model first (falls back to the question).
-        assigner: within-frame reduction: ``bilinear``, ``adaptive_pool``, ``uniform`` (``tome`` is not
-            available yet).
+        assigner: within-frame reduction: ``bilinear``, ``adaptive_pool``, ``uniform`` (positions: nearest native
+            cell) or ``tome`` (ToMe merging to ``h * w`` tokens, :func:`vtr.ops.tome.merge_to`; positions: the
+            merge representatives).
         power: budget exponent. cap: per-frame maximum (``None``: the native count; never above it).
         grid: ``"auto"`` (near-square, aspect-preserving on non-square native grids) or ``"square"``.
         clip_model, clip_pretrained: open_clip model name and pretrained tag or local checkpoint path
@@ -363,11 +364,6 @@ class QuoTA(Operator):
             raise TypeError(f"QuoTA.decouple must be True or False, got {self.decouple!r}")
         if self.assigner not in ASSIGNERS:
             raise ValueError(f"QuoTA.assigner must be one of {ASSIGNERS}, got {self.assigner!r}")
-        if self.assigner == "tome":
-            raise ValueError(
-                "QuoTA.assigner='tome' needs the pre-LLM ToMe merge of vtr.ops.tome, which this version does not "
-                "have yet; use 'bilinear', 'adaptive_pool' or 'uniform'"
-            )
         p = self.power
         if isinstance(p, bool) or not isinstance(p, numbers.Real) or not math.isfinite(p) or p <= 0:
             raise ValueError(f"QuoTA.power must be a finite number > 0, got {p!r}")
@@ -487,10 +483,19 @@ class QuoTA(Operator):
                 if h * w == 0:
                     continue  # a 0-budget frame is dropped: no token, no newline
                 pos = g.pos[f]
-                x = tokens.embeds[pos].view(big_h, big_w, -1)
-                embeds.append(reduce_frame(x, (h, w), self.assigner))
-                reps.append(pos[nearest_cells((h, w), g.native).to(dev)])
-                assign[pos] = cell_owners((h, w), g.native).to(dev) + offset
+                if self.assigner == "tome":
+                    # ToMe down to h*w tokens: no grid; each output sits at its representative's position.
+                    from vtr.ops.tome import merge_to
+
+                    merged, _size, rep, member_of = merge_to(tokens.embeds[pos], h * w)
+                    embeds.append(merged)
+                    reps.append(pos[rep])
+                    assign[pos] = member_of + offset
+                else:
+                    x = tokens.embeds[pos].view(big_h, big_w, -1)
+                    embeds.append(reduce_frame(x, (h, w), self.assigner))
+                    reps.append(pos[nearest_cells((h, w), g.native).to(dev)])
+                    assign[pos] = cell_owners((h, w), g.native).to(dev) + offset
                 offset += h * w
             info = QuotaInfo(
                 image=g.image,
