@@ -38,9 +38,13 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vtr", description="Training-free visual token reduction for VLMs.")
     sub = parser.add_subparsers(dest="command", required=True)
 
-    run = sub.add_parser("run", help="answer one prompt about an image, baseline and reduced side by side")
-    run.add_argument("--image", required=True, help="path to an image file")
-    run.add_argument("--prompt", required=True, help="question or instruction about the image")
+    run = sub.add_parser("run", help="answer one prompt about an image or a video, baseline and reduced side by side")
+    media = run.add_mutually_exclusive_group(required=True)
+    media.add_argument("--image", help="path to an image file")
+    media.add_argument("--video", help="path to a video file (needs a video model: Qwen2-VL, LLaVA-OneVision)")
+    run.add_argument("--prompt", required=True, help="question or instruction about the image or video")
+    run.add_argument("--frames", type=int, default=None, help="video: frames sampled uniformly (default 8)")
+    run.add_argument("--fps", type=float, default=None, help="video: sample at this rate instead of --frames")
     run.add_argument("--model", default=None, help="Hugging Face id or local path (default: bundled tiny model)")
     run.add_argument("--recipe", default="divprune", help="recipe name or YAML path (see `vtr recipes`)")
     run.add_argument("--keep", type=_keep, default=None, help="budget: int count or float ratio (recipe default)")
@@ -94,7 +98,16 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from vtr.media import load_image
     from vtr.models import load_model
 
-    image = load_image(args.image)
+    clip = None
+    if args.video is not None:
+        from vtr.video import read_video
+
+        frames = args.frames if args.frames is not None or args.fps is not None else 8
+        clip = read_video(args.video, num_frames=frames, fps=args.fps)
+    elif args.frames is not None or args.fps is not None:
+        raise ValueError("--frames and --fps apply to --video")
+    else:
+        image = load_image(args.image)
     overrides = {}
     if args.keep is not None:
         overrides["keep"] = args.keep
@@ -105,9 +118,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     hf_logging.disable_progress_bar()  # the CLI prints a table; weight-loading bars only clutter it
     model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
+    if clip is not None:
+        from vtr.video import video_inputs
+
+        inputs = video_inputs(processor, [clip], [args.prompt]).to(args.device)
+    else:
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": args.prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=[image], text=[text], return_tensors="pt").to(args.device)
     prompt_len = inputs["input_ids"].shape[1]
     max_new = args.max_new_tokens or getattr(model.generation_config, "max_new_tokens", None) or 16
 
@@ -127,6 +145,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         red_answer, red_prefill, red_gen = answer()
         report = model.vtr.report
         recipe_desc = ", ".join(repr(op) for op in model.vtr.recipe.ops)
+        layout = model.vtr.adapter.last_spans[0].layout
     n_before, n_after = report.original_tokens[0], report.tokens_out(0)
     rows = [
         ("", "baseline", f"reduced ({args.recipe})"),
@@ -135,6 +154,10 @@ def _cmd_run(args: argparse.Namespace) -> int:
         ("prefill ms", f"{base_prefill * 1e3:.1f}", f"{red_prefill * 1e3:.1f}"),
         ("generate ms", f"{base_gen * 1e3:.1f}", f"{red_gen * 1e3:.1f}"),
     ]
+    video_line = ""
+    if clip is not None:
+        video_line, video_rows = _video_rows(clip, processor, layout, report)
+        rows += video_rows
     if report.llm_prefill_flops:
         f0, f1 = report.llm_prefill_flops[0]
         rows.append(("LLM prefill GFLOPs", f"{f0 / 1e9:.3f}", f"{f1 / 1e9:.3f} ({100 * f1 / f0:.1f}%)"))
@@ -142,10 +165,27 @@ def _cmd_run(args: argparse.Namespace) -> int:
     w1 = max(len(r[1]) for r in rows)
     print(f"model: {args.model or 'bundled tiny model'}   recipe: {recipe_desc}")
     print(f"prompt: {args.prompt}")
+    if video_line:
+        print(f"video: {args.video}: {video_line}")
     for a, b, c in rows:
         print(f"{a:<{w0}}  {b:<{w1}}  {c}")
     print(f"operator time: {report.operator_seconds * 1e3:.2f} ms")
     return 0
+
+
+def _video_rows(clip, processor, layout, report) -> tuple[str, list[tuple[str, str, str]]]:
+    """``vtr run --video``: a line on the frames used, and the visual tokens per token frame (baseline, reduced)."""
+    from vtr.video import tokens_per_frame, usable_frames
+
+    i, im = next((i, im) for i, im in enumerate(layout) if im.kind == "video")
+    used = usable_frames(processor, clip)
+    line = (
+        f"frames used: {used} of {len(clip)} sampled ({clip.timestamps[0]:.2f}-{clip.timestamps[used - 1]:.2f} s of "
+        f"{clip.duration:.2f} s), {len(im.grids)} token frames"
+    )
+    base = " ".join(str(t * h * w) for t, h, w in im.grids)
+    reduced = " ".join(map(str, tokens_per_frame(im, report.kept(0, i))))
+    return line, [("tokens per frame", base, reduced)]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
