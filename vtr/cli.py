@@ -1,4 +1,4 @@
-"""The ``vtr`` command: ``run``, ``recipes``, ``bench``.
+"""The ``vtr`` command: ``run``, ``caption``, ``recipes``, ``bench``.
 
 Every command defaults to the bundled tiny model in ``assets/`` so it works offline; ``--model`` takes a
 Hugging Face id or a local path for real use.
@@ -59,6 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
 
     sub.add_parser("recipes", help="list the named recipes")
+    _add_caption_parser(sub)
 
     bench = sub.add_parser("bench", help="quality and speed benchmarks")
     bench_sub = bench.add_subparsers(dest="bench", required=True)
@@ -70,6 +71,54 @@ def _parser() -> argparse.ArgumentParser:
         if mod is not None:
             mod.add_arguments(p)
     return parser
+
+
+def _add_caption_parser(sub) -> None:
+    cap = sub.add_parser(
+        "caption",
+        help="caption many videos into JSONL (resumes after a crash, records failures)",
+        description="Caption every video of INPUT into OUT.jsonl, one record per video. A rerun skips videos "
+        "already recorded, so an interrupted run resumes where it stopped. Flags override --config.",
+    )
+    cap.add_argument("input", help="a folder (searched recursively), a glob, a text file of paths, or a video")
+    cap.add_argument("--out", help="the JSONL file (created, or resumed when it exists)")
+    cap.add_argument("--config", help="YAML run config (keys: the long option names, e.g. configs/caption.yaml)")
+    cap.add_argument("--recipe", help="recipe name or YAML path, or 'none' for no reduction (default divprune)")
+    cap.add_argument("--keep", type=_keep, help="budget: int count or float ratio (recipe default)")
+    cap.add_argument("--prompt", help="instruction given with every video")
+    cap.add_argument("--frames", type=int, help="frames sampled uniformly per video (default 8)")
+    cap.add_argument("--fps", type=float, help="sample at this rate instead of a fixed count")
+    cap.add_argument("--max-frames", type=int, help="cap on the frames of one video")
+    cap.add_argument("--model", help="Hugging Face id or local path (default: bundled model)")
+    cap.add_argument("--batch-size", type=int, help="videos per generate call (default 4)")
+    cap.add_argument("--workers", type=int, help="decode worker processes, local engine (default 2)")
+    cap.add_argument("--retry-errors", action="store_true", default=None, help="redo videos recorded with an error")
+    cap.add_argument("--max-new-tokens", type=int, help="caption length cap (default: model's config, else 32)")
+    cap.add_argument("--max-duration", type=float, help="record videos longer than this (s) as errors")
+    cap.add_argument("--dtype", help="torch dtype of the model (default float32)")
+    cap.add_argument("--device", help="auto (default), cpu, cuda, ...")
+    cap.add_argument("--engine", choices=("local", "ray"), help="local (default) or ray (Ray Data, extra 'ray')")
+    cap.add_argument("--ray-address", help="Ray cluster to join (default: start a local one)")
+    cap.add_argument("--num-actors", type=int, help="model replicas with --engine ray (default 1)")
+    cap.add_argument("--num-gpus-per-actor", type=float, help="GPUs per model actor (default: 1 if any, else 0)")
+    cap.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_caption(args: argparse.Namespace) -> int:
+    from vtr.video.caption import CONFIG_KEYS, CaptionConfig, caption_videos, load_config
+
+    values = load_config(args.config) if args.config else {}
+    for key in CONFIG_KEYS:  # flags given on the command line override the config file
+        value = getattr(args, key, None)
+        if value is not None:
+            values[key] = value
+    if not values.get("out"):
+        raise ValueError("vtr caption needs --out OUT.jsonl (or 'out:' in --config)")
+    try:
+        summary = caption_videos(CaptionConfig(**values), progress=not args.no_progress)
+    except KeyboardInterrupt:
+        return 130
+    return 130 if summary.interrupted else 0
 
 
 def _bench_module(name: str):
@@ -196,6 +245,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_recipes()
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "caption":
+            return _cmd_caption(args)
         if args.command == "bench":
             mod = _bench_module(args.bench)
             if mod is None:
