@@ -15,6 +15,8 @@ import pytest
 from caption_testutil import fake_reader, make_video, make_video_folder, read_records, save_tiny_video_model
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+from vtr.cli import main
 from vtr.video.caption import (
     CaptionConfig,
     CaptionSetupError,
@@ -25,8 +27,6 @@ from vtr.video.caption import (
 )
 from vtr.video.caption_decode import DecodePool, make_decode_task
 from vtr.video.caption_log import LogBusyError, RecordWriter, encode_record, read_log, rewrite_log
-
-from vtr.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import pytest
 from caption_testutil import make_video_folder, read_records, save_tiny_video_model
+
 from vtr.video.caption import CaptionConfig, caption_videos
 
 ray = pytest.importorskip("ray", reason='Ray is not installed: pip install "vtr[ray]" to test --engine ray')

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vtr.video import Clip, VideoError, read_video, sample_indices, usable_frames, video_inputs
 
 av = pytest.importorskip("av")

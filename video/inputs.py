@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from vtr.video.io import Clip, VideoError
 
 __all__ = ["frames_per_step", "tokens_per_frame", "usable_frames", "video_inputs", "video_messages"]
