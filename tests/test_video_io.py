@@ -389,3 +389,22 @@ def test_run_video_errors(capsys, saved_qwen, clip24, tmp_path):
     assert code == 2 and "--frames and --fps apply to --video" in err
     code, _, err = _run_video(capsys, "--video", str(clip24), "--model", str(saved_qwen), "--recipe", "quota")
     assert code == 2 and "QuoTA needs the question text (OpContext.query)" in err
+
+
+# ------------------------------------------------------------------------------------------------ vtr bench video-speed
+def test_bench_video_speed_runs_on_tiny_settings(tmp_path, capsys):
+    """The benchmark runs end to end (figures are not checked: timings here are noise)."""
+    import json
+
+    from vtr.cli import main
+
+    out = tmp_path / "out"
+    argv = ["bench", "video-speed", "--llm", "tiny", "--vision", "tiny", "--frames", "8", "--size", "56"]
+    argv += ["--decode-seconds", "1", "--decode-frames", "4", "--repeats", "1", "--quota-scorer", "constant"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["decoding"]["sampled_frames"] == 4 and result["decoding"]["file_frames"] == 30
+    runs = result["prefill"]["runs"]
+    assert runs["baseline"]["visual_tokens"] == 16  # 4 temporal steps of a 2x2 merged grid
+    assert runs["storm"]["visual_tokens"] == 4 and runs["quota"]["visual_tokens"] == 4
+    assert (out / "prefill.png").is_file() and "| quota | 4 |" in (out / "results.md").read_text()

@@ -122,10 +122,11 @@ def _cmd_caption(args: argparse.Namespace) -> int:
 
 
 def _bench_module(name: str):
+    module = f"vtr.bench.{name.replace('-', '_')}"  # `vtr bench video-speed` lives in vtr/bench/video_speed.py
     try:
-        return importlib.import_module(f"vtr.bench.{name}")
+        return importlib.import_module(module)
     except ModuleNotFoundError as exc:
-        if exc.name == f"vtr.bench.{name}":
+        if exc.name == module:
             return None
         raise
 
