@@ -378,6 +378,7 @@ def test_operator_errors():
     ("kwargs", "message"),
     [
         (dict(keep=0), r"QuoTA.keep must be an int >= 1 or a float in \(0, 1\], got 0"),
+        (dict(scope="frame"), "QuoTA budgets each whole video: scope must be 'image', got 'frame'"),
         (dict(scorer="siglip"), "QuoTA.scorer must be 'vlm', 'clip', 'constant' or a callable, got 'siglip'"),
         (dict(scorer=3), "QuoTA.scorer must be a name or a callable, got int"),
         (dict(assigner="nearest"), "QuoTA.assigner must be one of"),

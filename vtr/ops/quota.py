@@ -323,6 +323,7 @@ class QuoTA(Operator):
     Attributes:
         keep: each video's token budget, a ratio of its visual tokens or a count (default 1.0: the baseline
             count, spent unevenly).
+        scope: ``"image"`` only (the budget unit is each whole video).
         scorer: ``"vlm"`` (P(yes) of a VLM; default the wrapped model), ``"clip"`` (open_clip cosine),
             ``"constant"`` (equal scores: uniform budgets, an ablation), or a callable
             ``(frames, query, objects) -> [F]`` scores in [0, 1].
@@ -340,6 +341,7 @@ class QuoTA(Operator):
     """
 
     keep: int | float = 1.0
+    scope: str = "image"
     scorer: str | Callable[..., Tensor] = "vlm"
     decouple: bool = True
     assigner: str = "bilinear"
@@ -355,6 +357,8 @@ class QuoTA(Operator):
 
     def validate(self) -> None:
         self.keep = validate_keep(self.keep, "QuoTA.keep")
+        if self.scope != "image":
+            raise ValueError(f"QuoTA budgets each whole video: scope must be 'image', got {self.scope!r}")
         if isinstance(self.scorer, str):
             if self.scorer not in ("vlm", "clip", "constant"):
                 raise ValueError(f"QuoTA.scorer must be 'vlm', 'clip', 'constant' or a callable, got {self.scorer!r}")
