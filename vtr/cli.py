@@ -11,6 +11,7 @@ import importlib
 import sys
 import time
 from collections.abc import Sequence
+from pathlib import Path
 
 __all__ = ["main"]
 
@@ -141,6 +142,25 @@ def _cmd_recipes() -> int:
     return 0
 
 
+def _load_model_or_explain(load_model, args: argparse.Namespace):
+    """``load_model`` whose failures to find the model are one ``FileNotFoundError`` line, not a traceback."""
+    name = args.model
+    if name is not None and _looks_like_path(name) and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"--model {name}: no such folder (give a saved Hugging Face model folder or a hub id)")
+    try:
+        return load_model(name, dtype=args.dtype, device=args.device)
+    except FileNotFoundError:  # already one line (e.g. a folder without config.json)
+        raise
+    except OSError as exc:  # transformers: neither a local folder nor resolvable on the hub (offline, typo, ...)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise FileNotFoundError(f"--model {name}: cannot load it as a local folder or from the hub: {first}") from exc
+
+
+def _looks_like_path(name: str) -> bool:
+    """A local path rather than a hub id (``org/name``): absolute, relative with a dot or ``~``, or deeper."""
+    return Path(name).is_absolute() or name.startswith((".", "~")) or name.count("/") > 1
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
     import torch
 
@@ -167,7 +187,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI prints a table; weight-loading bars only clutter it
-    model, processor = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, processor = _load_model_or_explain(load_model, args)
     if clip is not None:
         from vtr.video import video_inputs
 
