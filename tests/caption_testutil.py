@@ -34,7 +34,8 @@ def make_video(path: Path, *, frames: int = 12, width: int = 64, height: int = 4
 
 
 def make_video_folder(root: Path, n_good: int = 4) -> dict[str, list[str]]:
-    """``n_good`` clips (one in a subfolder, one with 3 frames), an empty file, a corrupt file, a text file.
+    """``n_good`` clips (one in a subfolder, one with 3 frames), an empty file, a corrupt file, a one-frame
+    clip (too short for Qwen2-VL, which takes frames in pairs) and a text file.
 
     Returns ``{"good": [...], "bad": [...]}`` absolute paths (the text file is not a video: not listed).
     """
@@ -46,8 +47,10 @@ def make_video_folder(root: Path, n_good: int = 4) -> dict[str, list[str]]:
     empty.write_bytes(b"")
     corrupt = root / "corrupt.mkv"
     corrupt.write_bytes(b"\x1a\x45\xdf\xa3 this is not really a matroska file " * 20)
+    single = make_video(root / "single.mp4", frames=1, seed=99)
     (root / "notes.txt").write_text("not a video\n")
-    return {"good": sorted(good), "bad": sorted([str(empty.absolute()), str(corrupt.absolute())])}
+    bad = [str(p.absolute()) for p in (corrupt, empty, single)]
+    return {"good": sorted(good), "bad": bad}
 
 
 def save_tiny_video_model(folder: Path) -> Path:

@@ -30,7 +30,7 @@ from vtr.video.caption_log import LogBusyError, RecordWriter, encode_record, rea
 
 ROOT = Path(__file__).resolve().parents[1]
 RECORD_FIELDS = {
-    "path", "caption", "error", "frames", "duration", "visual_tokens_before", "visual_tokens_after",
+    "path", "caption", "error", "error_stage", "frames", "duration", "visual_tokens_before", "visual_tokens_after",
     "timings", "recipe", "model", "prompt", "finished",
 }  # fmt: skip
 
@@ -246,7 +246,7 @@ def test_local_engine_end_to_end_resume_and_retry(tmp_path, tiny_model):
     summary = caption_videos(CaptionConfig(**cfg), progress=False, log=notes.append)
     records = read_records(out)
     by_path = {r["path"]: r for r in records}
-    assert len(records) == len(by_path) == 7  # one record per video, none twice
+    assert len(records) == len(by_path) == 8  # one record per video, none twice
     assert set(by_path) == set(vids["good"] + vids["bad"] + [long_clip])
     for r in records:
         assert set(r) == RECORD_FIELDS
@@ -257,29 +257,33 @@ def test_local_engine_end_to_end_resume_and_retry(tmp_path, tiny_model):
         assert r["frames"] == (2 if "clip1" in path else 4)  # the 3-frame clip: Qwen takes frames in pairs
         assert r["visual_tokens_after"] == round(0.25 * r["visual_tokens_before"])
         assert r["timings"]["generate_s"] > 0 and r["timings"]["batch_size"] in (1, 2)
-    assert "empty (0 bytes)" in by_path[vids["bad"][1]]["error"]
-    assert "corrupt file" in by_path[vids["bad"][0]]["error"]
+    corrupt, empty, single = vids["bad"]
+    assert "corrupt file" in by_path[corrupt]["error"]
+    assert "empty (0 bytes)" in by_path[empty]["error"]
+    assert "packs 2 frames per temporal step but the clip has only 1 frame(s)" in by_path[single]["error"]
     assert "too long: 5.0 s > max_duration 3 s" in by_path[long_clip]["error"]
     assert all(by_path[p]["caption"] is None for p in [*vids["bad"], long_clip])
-    assert (summary.captioned, summary.failed, summary.skipped) == (4, 3, 0)
-    assert notes[-1].startswith("vtr caption done: 4 captioned, 3 failed, 0 skipped")
+    assert {by_path[p]["error_stage"] for p in [*vids["bad"], long_clip]} == {"video"}
+    assert all(by_path[p]["error_stage"] is None for p in vids["good"])
+    assert (summary.captioned, summary.failed, summary.skipped) == (4, 4, 0)
+    assert notes[-1].startswith("vtr caption done: 4 captioned, 4 failed, 0 skipped")
 
     # Rerun: everything is recorded, nothing is redone, the file is untouched.
     before = out.read_bytes()
     summary = caption_videos(CaptionConfig(**cfg), progress=False, log=notes.append)
-    assert (summary.captioned, summary.failed, summary.skipped) == (0, 0, 7)
+    assert (summary.captioned, summary.failed, summary.skipped) == (0, 0, 8)
     assert out.read_bytes() == before
 
-    # --retry-errors after a crash that left a torn line: the torn line goes, the 3 error records are
+    # --retry-errors after a crash that left a torn line: the torn line goes, the 4 error records are
     # replaced by new ones (the 5 s clip now passes a larger max_duration), the good records stay as they were.
     with open(out, "ab") as f:
         f.write(b'{"path": "' + vids["good"][0].encode() + b'", "capt')
     summary = caption_videos(CaptionConfig(**{**cfg, "retry_errors": True, "max_duration": 10.0}),
                              progress=False, log=notes.append)  # fmt: skip
-    assert "dropped a torn last line" in notes[-2] and "removed 3 error record(s) to retry" in notes[-2]
+    assert "dropped a torn last line" in notes[-2] and "removed 4 error record(s) to retry" in notes[-2]
     after = {r["path"]: r for r in read_records(out)}
-    assert len(read_records(out)) == 7 and set(after) == set(by_path)
-    assert (summary.captioned, summary.failed, summary.skipped) == (1, 2, 4)
+    assert len(read_records(out)) == 8 and set(after) == set(by_path)
+    assert (summary.captioned, summary.failed, summary.skipped) == (1, 3, 4)
     assert all(after[p] == by_path[p] for p in vids["good"])
     assert after[long_clip]["error"] is None and after[long_clip]["frames"] == 4
 
@@ -291,6 +295,47 @@ def test_model_without_video_support_fails_before_recording(tmp_path):
         caption_videos(CaptionConfig(input=str(tmp_path / "v"), out=str(out), model=str(ROOT / "assets" /
                        "tiny-vqa-llava"), workers=0), progress=False, log=lambda _: None)  # fmt: skip
     assert read_records(out) == []
+
+
+def _rec(path: str, stage: str | None = None) -> dict:
+    return {"path": path, "error": None if stage is None else "boom", "error_stage": stage}
+
+
+class _Bar:
+    def update(self, n):
+        pass
+
+    def set_postfix(self, **kw):
+        pass
+
+
+def test_model_failures_are_held_until_the_model_captions_a_video(tmp_path):
+    """Model-stage failures before any success are not recorded; after one success they all are."""
+    from vtr.video.caption import Summary, _Recorder
+
+    with RecordWriter(tmp_path / "c.jsonl") as w:
+        summary = Summary(total=5, skipped=0)
+        emit = _Recorder(["/a", "/b", "/c", "/d", "/e"], w, summary, _Bar())
+        emit(_rec("/a", "caption"))
+        emit(_rec("/b", "video"))  # the video's own fault: recorded at once
+        assert [r["path"] for r in read_records(tmp_path / "c.jsonl")] == ["/b"]
+        emit(_rec("/c"))
+        emit(_rec("/d", "caption"))
+        with pytest.raises(RuntimeError, match="second record for /c"):
+            emit(_rec("/c"))
+    assert [r["path"] for r in read_records(tmp_path / "c.jsonl")] == ["/b", "/c", "/a", "/d"]
+    assert (summary.captioned, summary.failed) == (1, 3)
+
+
+def test_a_model_that_fails_on_everything_stops_the_run_and_records_nothing(tmp_path):
+    from vtr.video.caption import ABORT_AFTER_MODEL_FAILURES, ModelFailedError, Summary, _Recorder
+
+    with RecordWriter(tmp_path / "c.jsonl") as w:
+        emit = _Recorder([f"/{i}" for i in range(9)], w, Summary(total=9, skipped=0), _Bar())
+        with pytest.raises(ModelFailedError, match=r"failed on the first 3 video\(s\) it tried .* \(/0\): boom"):
+            for i in range(ABORT_AFTER_MODEL_FAILURES):
+                emit(_rec(f"/{i}", "caption"))
+    assert not (tmp_path / "c.jsonl").exists()  # nothing was written
 
 
 # ------------------------------------------------------------------------------------------------ CLI

@@ -46,27 +46,27 @@ def test_ray_engine_gives_the_local_records_and_resumes(setup, ray_cluster, tmp_
     local_out = tmp_path / "local.jsonl"
     caption_videos(_config(setup, local_out), progress=False, log=lambda _: None)
     local = {r["path"]: r for r in read_records(local_out)}
-    assert len(local) == 7
+    assert len(local) == 8
 
     # Start with two videos already recorded (as after an interrupted run), then caption the rest on Ray
     # with 2 model actors on 2 CPUs (the actors must leave a CPU to the decode tasks, or nothing progresses).
     out = tmp_path / "ray.jsonl"
     done = sorted(local)[:2]
-    out.write_text("".join(local_out.read_text().splitlines(keepends=True)[i] for i in range(7)
+    out.write_text("".join(local_out.read_text().splitlines(keepends=True)[i] for i in range(8)
                            if read_records(local_out)[i]["path"] in done))  # fmt: skip
     notes: list[str] = []
     summary = caption_videos(_config(setup, out, engine="ray", num_actors=2), progress=False, log=notes.append)
     records = read_records(out)
     assert [r["path"] for r in records[:2]] == [p for p in local if p in done]
-    assert len(records) == len({r["path"] for r in records}) == 7  # exactly one record per video
-    assert (summary.skipped, summary.captioned + summary.failed) == (2, 5)
+    assert len(records) == len({r["path"] for r in records}) == 8  # exactly one record per video
+    assert (summary.skipped, summary.captioned + summary.failed) == (2, 6)
     assert {_key(r) for r in records} == {_key(r) for r in local.values()}  # same records as the local engine
-    assert sum(r["error"] is not None for r in records) == 2
+    assert sum(r["error"] is not None for r in records) == 3
     assert "skipped" in notes[-1]
 
     # A rerun on Ray does nothing.
     summary = caption_videos(_config(setup, out, engine="ray"), progress=False, log=lambda _: None)
-    assert (summary.skipped, summary.processed) == (7, 0)
+    assert (summary.skipped, summary.processed) == (8, 0)
 
 
 def test_ray_pipeline_decodes_outside_the_model_actors(setup, ray_cluster, capsys):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import glob
+import importlib.util
 import math
 import numbers
 import os
@@ -36,6 +37,7 @@ __all__ = [
     "VIDEO_EXTENSIONS",
     "CaptionConfig",
     "CaptionSetupError",
+    "ModelFailedError",
     "Summary",
     "caption_videos",
     "find_videos",
@@ -274,6 +276,7 @@ class Summary:
     seconds: float = 0.0
     out: str = ""
     interrupted: bool = False
+    stopped: str | None = None  # the error that stopped the run early
 
     @property
     def processed(self) -> int:
@@ -285,7 +288,12 @@ class Summary:
 
     def line(self) -> str:
         rate = f"{self.processed} videos in {self.seconds:.1f} s ({self.videos_per_minute:.1f} videos/min)"
-        head = "interrupted (rerun the same command to resume)" if self.interrupted else "done"
+        if self.interrupted:
+            head = "interrupted (rerun the same command to resume)"
+        elif self.stopped:
+            head = f"stopped by an error ({self.stopped})"
+        else:
+            head = "done"
         return (
             f"vtr caption {head}: {self.captioned} captioned, {self.failed} failed, {self.skipped} skipped "
             f"(already in {self.out}); {rate}"
@@ -322,6 +330,8 @@ def caption_videos(
         from vtr import recipes
 
         recipes.build(config.recipe, **({} if config.keep is None else {"keep": config.keep}))
+    if config.engine == "ray" and importlib.util.find_spec("ray") is None:
+        raise CaptionSetupError('--engine ray needs Ray Data: pip install "vtr[ray]"')
     videos = find_videos(config.input)
     out = check_output(config.out)
     from vtr.video.caption_log import RecordWriter, read_log
@@ -358,25 +368,64 @@ def caption_videos(
     return summary
 
 
+class ModelFailedError(RuntimeError):
+    """The model failed on the first videos of a run without captioning any: a broken model or recipe.
+
+    Those videos are not recorded (recording them would make every rerun skip them); fix the cause and rerun.
+    """
+
+
+#: Model-stage failures, before any success, that stop a run (see :class:`ModelFailedError`).
+ABORT_AFTER_MODEL_FAILURES = 3
+
+
+class _Recorder:
+    """Writes the records an engine emits, counts them, drives the progress bar, and enforces the rules:
+    never two records for one video; no record for model-stage failures until the model has captioned a
+    video (a recipe or model that fails on everything must stop the run, not fill the log with failures)."""
+
+    def __init__(self, todo: list[str], writer, summary: Summary, bar):
+        self.pending, self.writer, self.summary, self.bar = set(todo), writer, summary, bar
+        self.held: list[dict[str, Any]] = []  # model-stage failures while no video has been captioned yet
+
+    def __call__(self, record: dict[str, Any]) -> None:
+        path = record["path"]
+        if path not in self.pending:  # an engine must never record a video twice; refuse rather than duplicate
+            raise RuntimeError(f"engine produced a second record for {path}")
+        self.pending.discard(path)
+        self.bar.update(1)
+        if record.get("error_stage") == "caption" and self.summary.captioned == 0:
+            self.held.append(record)
+            if len(self.held) >= ABORT_AFTER_MODEL_FAILURES:
+                self.abort()
+            return
+        self._write(record)
+        if record.get("error") is None:
+            for held in self.held:  # the model works: those failures belong to their videos
+                self._write(held)
+            self.held = []
+
+    def _write(self, record: dict[str, Any]) -> None:
+        self.writer.write(record)
+        if record.get("error") is None:
+            self.summary.captioned += 1
+        else:
+            self.summary.failed += 1
+            self.bar.set_postfix(failed=self.summary.failed, refresh=False)
+
+    def abort(self) -> None:
+        first = self.held[0]
+        raise ModelFailedError(
+            f"the model failed on the first {len(self.held)} video(s) it tried and captioned none, so they were not "
+            f"recorded; first error ({first['path']}): {first['error']}"
+        )
+
+
 def _run_engine(config, todo, writer, summary: Summary, reader, progress: bool) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), unit="video", desc="caption", disable=not progress, dynamic_ncols=True)
-    pending = set(todo)
-
-    def emit(record: dict[str, Any]) -> None:
-        path = record["path"]
-        if path not in pending:  # an engine must never record a video twice; refuse rather than duplicate
-            raise RuntimeError(f"engine produced a second record for {path}")
-        pending.discard(path)
-        writer.write(record)
-        if record.get("error") is None:
-            summary.captioned += 1
-        else:
-            summary.failed += 1
-            bar.set_postfix(failed=summary.failed, refresh=False)
-        bar.update(1)
-
+    emit = _Recorder(todo, writer, summary, bar)
     t0 = time.perf_counter()
     try:
         if config.engine == "ray":
@@ -387,8 +436,13 @@ def _run_engine(config, todo, writer, summary: Summary, reader, progress: bool) 
             from vtr.video.caption_local import run_local
 
             run_local(config, todo, emit, reader=reader)
+        if emit.held:
+            emit.abort()
     except KeyboardInterrupt:
         summary.interrupted = True
+        raise
+    except Exception as exc:
+        summary.stopped = type(exc).__name__
         raise
     finally:
         summary.seconds = time.perf_counter() - t0

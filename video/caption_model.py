@@ -14,10 +14,13 @@ from typing import Any
 
 from vtr.video.caption_decode import Decoded
 
-__all__ = ["NO_REDUCTION", "Captioner", "error_record", "make_record", "model_label", "recipe_label"]
+__all__ = ["ERROR_STAGES", "NO_REDUCTION", "Captioner", "error_record", "make_record", "model_label", "recipe_label"]
 
 #: Recipe names meaning "no token reduction" (the baseline).
 NO_REDUCTION = ("none", "baseline")
+#: Where a video can fail: the video itself (unreadable, too long, too few frames), in the model, or a Ray task
+#: lost on every retry.
+ERROR_STAGES = ("video", "caption", "ray")
 
 
 def model_label(model: str | None) -> str:
@@ -43,6 +46,7 @@ def make_record(
     *,
     caption: str | None,
     error: str | None,
+    error_stage: str | None = None,
     frames: int | None,
     tokens_before: int | None,
     tokens_after: int | None,
@@ -56,7 +60,10 @@ def make_record(
 ) -> dict[str, Any]:
     """One JSONL record. ``error`` is ``None`` for a captioned video, else ``caption`` is ``None``.
 
-    Fields: ``path`` (absolute), ``caption``, ``error``, ``frames`` (frames the model saw), ``duration``
+    Fields: ``path`` (absolute), ``caption``, ``error``, ``error_stage`` (``None``, or where it failed:
+    ``"video"`` the file is unreadable, too long or too short, ``"caption"`` the model failed on it, ``"ray"``
+    a Ray task lost for good),
+    ``frames`` (frames the model saw), ``duration``
     (seconds of the file), ``visual_tokens_before`` / ``visual_tokens_after`` (the model's visual tokens
     for the video without / with the recipe), ``timings`` (``decode_s``: reading the file; ``generate_s``:
     the batched ``generate`` call the video was part of; ``batch_size``: videos in that call), ``recipe``,
@@ -66,6 +73,7 @@ def make_record(
         "path": path,
         "caption": caption,
         "error": error,
+        "error_stage": error_stage,
         "frames": frames,
         "duration": None if duration is None else round(float(duration), 3),
         "visual_tokens_before": tokens_before,
@@ -82,13 +90,16 @@ def make_record(
     }
 
 
-def error_record(item: Decoded, error: str, *, recipe: str, model: str, prompt: str) -> dict[str, Any]:
-    """The record of a video that failed (to decode, or to caption)."""
+def error_record(item: Decoded, error: str, *, stage: str, recipe: str, model: str, prompt: str) -> dict[str, Any]:
+    """The record of a video that failed at ``stage`` (one of :data:`ERROR_STAGES`)."""
+    if stage not in ERROR_STAGES:
+        raise ValueError(f"stage must be one of {ERROR_STAGES}, got {stage!r}")
     clip = item.clip
     return make_record(
         item.path,
         caption=None,
         error=error,
+        error_stage=stage,
         frames=None,
         tokens_before=None,
         tokens_after=None,
@@ -158,9 +169,10 @@ class Captioner:
         if self._video_token is None:
             self._video_token = getattr(cfg, "video_token_index", None)
 
-    def _error(self, item: Decoded, error: str | Exception) -> dict[str, Any]:
+    def _error(self, item: Decoded, error: str | Exception, stage: str = "caption") -> dict[str, Any]:
         text = f"{type(error).__name__}: {error}" if isinstance(error, Exception) else error
-        return error_record(item, text, recipe=self.recipe_name, model=self.model_name, prompt=self.prompt)
+        labels = {"recipe": self.recipe_name, "model": self.model_name, "prompt": self.prompt}
+        return error_record(item, text, stage=stage, **labels)
 
     def caption(self, items: Sequence[Decoded]) -> list[dict[str, Any]]:
         """Records for ``items`` (decoded clips), in order; one ``generate`` call for the whole batch.
@@ -168,13 +180,20 @@ class Captioner:
         Never raises for a video: a batch that fails is retried video by video, so only the videos that fail on
         their own get an error record; an item that carries a decode error is recorded as such.
         """
+        from vtr.video.inputs import usable_frames
+
         records: list[dict[str, Any] | None] = [None] * len(items)
         todo = []
         for i, item in enumerate(items):
             if item.clip is None:
-                records[i] = self._error(item, item.error or "no clip")
-            else:
-                todo.append(i)
+                records[i] = self._error(item, item.error or "no clip", "video")
+                continue
+            try:
+                usable_frames(self.processor, item.clip)  # e.g. 1 frame where the model packs frames in pairs
+            except ValueError as exc:
+                records[i] = self._error(item, exc, "video")
+                continue
+            todo.append(i)
         if todo:
             batch = [items[i] for i in todo]
             try:
@@ -194,9 +213,9 @@ class Captioner:
 
     def _generate(self, items: Sequence[Decoded]) -> list[dict[str, Any]]:
         import torch
-        from vtr.video.inputs import usable_frames, video_inputs
 
         import vtr
+        from vtr.video.inputs import usable_frames, video_inputs
 
         clips = [it.clip for it in items]
         frames = [usable_frames(self.processor, c) for c in clips]

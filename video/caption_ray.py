@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
 from vtr.video.caption_decode import Decoded, make_decode_task
 from vtr.video.caption_model import Captioner, error_record, model_label, recipe_label
 
@@ -162,7 +163,7 @@ def run_ray(
         labels = {"recipe": recipe_label(config.recipe, config.keep), "model": model_label(config.model)}
         for path in missing:
             error = "RayTaskFailed: the Ray task for this video failed on every retry (e.g. a decoder crash)"
-            emit(error_record(Decoded(path, None, None, 0.0), error, prompt=config.prompt, **labels))
+            emit(error_record(Decoded(path, None, None, 0.0), error, stage="ray", prompt=config.prompt, **labels))
     finally:
         if started:
             ray.shutdown()

@@ -119,6 +119,9 @@ def _cmd_caption(args: argparse.Namespace) -> int:
         summary = caption_videos(CaptionConfig(**values), progress=not args.no_progress)
     except KeyboardInterrupt:
         return 130
+    except RuntimeError as exc:  # the model failed on every video it tried, a decode worker cannot start, ...
+        print(f"vtr: error: {exc}", file=sys.stderr)
+        return 1
     return 130 if summary.interrupted else 0
 
 
