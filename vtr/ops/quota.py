@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -317,8 +317,9 @@ class QuoTA(Operator):
     per video of the sample, in prompt order: the frames given to the processor, ``[F, H, W, 3]`` uint8 or
     ``[F, 3, H, W]`` float in [0, 1]; ``F`` a multiple of the video's token frames, e.g. 2 per Qwen temporal step,
     whose scores are averaged). The ``vlm`` scorer without its own model and the query decoupling use the
-    wrapped model: ``ctx.extras["model"]``, ``ctx.extras["processor"]`` and ``ctx.extras["unreduced"]`` (a
-    callable returning a context manager under which the wrapped model runs without reduction).
+    wrapped model: ``ctx.extras["model"]``, ``ctx.extras["processor"]`` (the decoupling also takes
+    ``ctx.extras["tokenizer"]``) and ``ctx.extras["unreduced"]`` (a callable returning a context manager under
+    which the wrapped model runs without reduction).
 
     Attributes:
         keep: each video's token budget, a ratio of its visual tokens or a count (default 1.0: the baseline
@@ -339,6 +340,9 @@ class QuoTA(Operator):
             (``False``: the official raw P(yes)). scorer_batch: frames per scorer forward.
         decouple_tokens: max new tokens of the decoupling generation.
     """
+
+    #: The operator reads ``OpContext.query`` (the stage machinery then needs a tokenizer at ``wrap``).
+    needs_query: ClassVar[bool] = True
 
     keep: int | float = 1.0
     scope: str = "image"
@@ -419,7 +423,9 @@ class QuoTA(Operator):
         from vtr.ops.quota_scorers import decouple_query
 
         model = self._needs(ctx, "model", "the wrapped model decouples the query (decouple=True)")
-        processor = self._needs(ctx, "processor", "the wrapped model's processor, for decouple=True")
+        processor = ctx.extras.get("processor") or self._needs(
+            ctx, "tokenizer", "the wrapped model's processor or tokenizer, for decouple=True"
+        )
         with self._unreduced(ctx):
             return decouple_query(model, processor, query, max_new_tokens=self.decouple_tokens)
 
