@@ -1,4 +1,4 @@
-"""The ``vtr`` command: ``run``, ``caption``, ``recipes``, ``bench``.
+"""The ``vtr`` command: ``run``, ``caption``, ``recipes``, ``demo``, ``bench``.
 
 Every command defaults to the bundled tiny model in ``assets/`` so it works offline; ``--model`` takes a
 Hugging Face id or a local path for real use.
@@ -60,6 +60,11 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--device", default="cpu")
 
     sub.add_parser("recipes", help="list the named recipes")
+
+    demo = sub.add_parser("demo", help="Gradio app: baseline vs reduced answers side by side, kept tokens drawn")
+    from vtr.demos import add_arguments as add_demo_arguments
+
+    add_demo_arguments(demo)
     _add_caption_parser(sub)
 
     bench = sub.add_parser("bench", help="quality and speed benchmarks")
@@ -261,6 +266,19 @@ def _video_rows(clip, processor, layout, report) -> tuple[str, list[tuple[str, s
     return line, [("tokens per frame", base, reduced)]
 
 
+def _cmd_demo(args: argparse.Namespace) -> int:
+    try:
+        from vtr.demos.side_by_side import DemoEngine, serve
+    except ModuleNotFoundError as exc:
+        if exc.name == "gradio":
+            print("vtr demo needs Gradio: pip install 'vtr[demo]'", file=sys.stderr)
+            return 2
+        raise
+    engine = DemoEngine.load(args.model, dtype=args.dtype, device=args.device)  # errors: one line, exit 2
+    serve(engine, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``vtr`` console script."""
     args = _parser().parse_args(argv)
@@ -269,6 +287,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _cmd_recipes()
         if args.command == "run":
             return _cmd_run(args)
+        if args.command == "demo":
+            return _cmd_demo(args)
         if args.command == "caption":
             return _cmd_caption(args)
         if args.command == "bench":
