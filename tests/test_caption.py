@@ -394,3 +394,20 @@ def test_local_engine_does_not_import_ray(tmp_path, tiny_model):
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     assert len(read_records(tmp_path / "c.jsonl")) == 1
+
+
+def test_caption_speed_benchmark_runs_on_a_tiny_setting(tmp_path, tiny_model, capsys):
+    out = tmp_path / "bench"
+    argv = ["bench", "caption-speed", "--videos", "3", "--size", "64x48", "--clip-frames", "8", "--frames", "8",
+            "--batch-size", "1", "--setups", "local-w1", "--recipes", "none,storm,nope", "--model", str(tiny_model),
+            "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = {r["recipe"]: r for r in results["rows"]}
+    assert set(rows) == {"none", "storm"}
+    assert rows["none"]["videos"] == rows["storm"]["videos"] == 3
+    assert rows["storm"]["visual_tokens_after"] < rows["none"]["visual_tokens_after"] == rows["none"][
+        "visual_tokens_before"]  # fmt: skip
+    assert rows["none"]["steady_videos_per_min"] > 0
+    assert "recipe 'nope' is not registered in this installation: skipped" in results["meta"]["notes"]
+    assert (out / "results.png").stat().st_size > 0 and "| local-w1 | storm |" in (out / "results.md").read_text()

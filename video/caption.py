@@ -312,6 +312,7 @@ def caption_videos(
     reader: Callable[..., Any] | None = None,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
+    on_record: Callable[[dict[str, Any]], None] | None = None,
 ) -> Summary:
     """Caption every video of ``config.input`` that ``config.out`` has no record of (see the module doc).
 
@@ -321,6 +322,7 @@ def caption_videos(
             module-level function (it is sent to decode worker processes).
         progress: show a tqdm bar (videos/s, ETA) on stderr.
         log: where notes and the summary line go (default: stderr).
+        on_record: called with each record once it is on disk (e.g. to stream results or time them).
 
     Returns:
         the :class:`Summary` (also printed).
@@ -362,7 +364,7 @@ def caption_videos(
         summary = Summary(total=len(videos), skipped=len(videos) - len(todo), out=str(out))
         try:
             if todo:
-                _run_engine(config, todo, writer, summary, reader or _default_reader(), progress)
+                _run_engine(config, todo, writer, summary, reader or _default_reader(), progress, on_record)
         finally:
             say(summary.line())  # also when interrupted: what is on disk and how to resume
     return summary
@@ -372,7 +374,10 @@ class ModelFailedError(RuntimeError):
     """The model failed on the first videos of a run without captioning any: a broken model or recipe.
 
     Those videos are not recorded (recording them would make every rerun skip them); fix the cause and rerun.
+    ``first_error`` holds the error of the first of them.
     """
+
+    first_error: str = ""
 
 
 #: Model-stage failures, before any success, that stop a run (see :class:`ModelFailedError`).
@@ -384,8 +389,9 @@ class _Recorder:
     never two records for one video; no record for model-stage failures until the model has captioned a
     video (a recipe or model that fails on everything must stop the run, not fill the log with failures)."""
 
-    def __init__(self, todo: list[str], writer, summary: Summary, bar):
+    def __init__(self, todo: list[str], writer, summary: Summary, bar, on_record=None):
         self.pending, self.writer, self.summary, self.bar = set(todo), writer, summary, bar
+        self.on_record = on_record
         self.held: list[dict[str, Any]] = []  # model-stage failures while no video has been captioned yet
 
     def __call__(self, record: dict[str, Any]) -> None:
@@ -407,6 +413,8 @@ class _Recorder:
 
     def _write(self, record: dict[str, Any]) -> None:
         self.writer.write(record)
+        if self.on_record is not None:
+            self.on_record(record)
         if record.get("error") is None:
             self.summary.captioned += 1
         else:
@@ -415,17 +423,19 @@ class _Recorder:
 
     def abort(self) -> None:
         first = self.held[0]
-        raise ModelFailedError(
+        exc = ModelFailedError(
             f"the model failed on the first {len(self.held)} video(s) it tried and captioned none, so they were not "
             f"recorded; first error ({first['path']}): {first['error']}"
         )
+        exc.first_error = first["error"]
+        raise exc
 
 
-def _run_engine(config, todo, writer, summary: Summary, reader, progress: bool) -> None:
+def _run_engine(config, todo, writer, summary: Summary, reader, progress: bool, on_record=None) -> None:
     from tqdm.auto import tqdm
 
     bar = tqdm(total=len(todo), unit="video", desc="caption", disable=not progress, dynamic_ncols=True)
-    emit = _Recorder(todo, writer, summary, bar)
+    emit = _Recorder(todo, writer, summary, bar, on_record)
     t0 = time.perf_counter()
     try:
         if config.engine == "ray":
