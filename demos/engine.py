@@ -6,9 +6,7 @@ which wraps the instance for that block only and restores it afterwards. Each si
 is generated and records time to first token, total time and peak memory; the reduced side also yields
 the report (tokens per stage, kept indices) and the image layouts the overlays are drawn from.
 
-Requests are checked before the model is touched (:func:`make_request`): upload type, size and
-readability, prompt, recipe and budget, generation limits. Problems raise :class:`DemoError`, whose
-message the UI shows as is.
+Requests reach it checked (:func:`vtr.demos.inputs.make_request`).
 """
 
 from __future__ import annotations
@@ -19,191 +17,21 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import closing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import StoppingCriteria, StoppingCriteriaList
 
 import vtr
-from vtr import recipes
 from vtr.demos.figures import SideResult
 from vtr.demos.geometry import ViewInputs
+from vtr.demos.inputs import DemoRequest
 from vtr.report import Report
 from vtr.tokens import ImageLayout
 
-__all__ = [
-    "IMAGE_TYPES",
-    "VIDEO_TYPES",
-    "DemoEngine",
-    "DemoError",
-    "DemoRequest",
-    "PeakMemory",
-    "Update",
-    "UploadLimits",
-    "check_upload",
-    "make_request",
-    "parse_budget",
-]
-
-IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
-VIDEO_TYPES = (".mp4", ".avi", ".mov", ".mkv", ".webm")
-BUDGET_MODES = ("recipe default", "ratio", "count")
-MAX_PROMPT_CHARS = 2000
-
-
-class DemoError(ValueError):
-    """A problem with the user's request; its message is shown in the UI as is."""
-
-
-@dataclass(frozen=True)
-class UploadLimits:
-    """Upload and generation limits of one demo server.
-
-    Attributes:
-        image_mb, video_mb: largest accepted file per kind, in MiB.
-        max_side: largest accepted image side in pixels (decoding a huge image costs memory before any check).
-        max_frames: most video frames a request may sample.
-        max_new_tokens: most tokens a request may generate per side.
-    """
-
-    image_mb: float = 20.0
-    video_mb: float = 100.0
-    max_side: int = 8192
-    max_frames: int = 64
-    max_new_tokens: int = 512
-
-    def __post_init__(self) -> None:
-        for name in ("image_mb", "video_mb", "max_side", "max_frames", "max_new_tokens"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"UploadLimits.{name} must be > 0, got {getattr(self, name)!r}")
-
-
-def check_upload(path: str | Path | None, limits: UploadLimits) -> str:
-    """Check an uploaded file: its type (by extension), size and that it decodes. Returns ``"image"`` or ``"video"``.
-
-    Raises:
-        DemoError: naming the file and what is wrong (type, size, corrupt content), with the allowed values.
-    """
-    if path is None or str(path) == "":
-        raise DemoError("no image or video: upload one or pick an example")
-    p = Path(path)
-    ext = p.suffix.lower()
-    if ext in IMAGE_TYPES:
-        kind, limit = "image", limits.image_mb
-    elif ext in VIDEO_TYPES:
-        kind, limit = "video", limits.video_mb
-    else:
-        raise DemoError(
-            f"unsupported file type {ext or '(none)'!r} ({p.name}): upload an image ({', '.join(IMAGE_TYPES)}) "
-            f"or a video ({', '.join(VIDEO_TYPES)})"
-        )
-    if not p.is_file():
-        raise DemoError(f"{p.name}: the uploaded file is missing on the server; upload it again")
-    size_mb = p.stat().st_size / 2**20
-    if size_mb > limit:
-        raise DemoError(f"{p.name} is {size_mb:.1f} MB; the limit for {kind}s is {limit:g} MB")
-    if kind == "image":
-        _check_image(p, limits)
-    else:
-        _check_video(p)
-    return kind
-
-
-def _check_image(p: Path, limits: UploadLimits) -> None:
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(p) as im:  # reads the header only: the size is known before decoding
-            w, h = im.size
-            if max(w, h) > limits.max_side:
-                raise DemoError(f"{p.name} is {w}x{h} pixels; the limit is {limits.max_side} pixels per side")
-            im.load()
-    except DemoError:
-        raise
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise DemoError(f"{p.name} is not a valid image file ({type(exc).__name__}: {exc})") from exc
-
-
-def _check_video(p: Path) -> None:
-    from vtr.video import read_video
-
-    try:
-        read_video(p, num_frames=1)
-    except (ValueError, OSError) as exc:  # VideoError is a ValueError and names the file
-        raise DemoError(f"{p.name} is not a readable video: {exc}") from exc
-
-
-def parse_budget(mode: str, value: float | int | None) -> int | float | None:
-    """The ``keep`` override from the UI: ``None`` (recipe default), a ratio in (0, 1] or a count >= 1."""
-    if mode not in BUDGET_MODES:
-        raise DemoError(f"budget mode must be one of {BUDGET_MODES}, got {mode!r}")
-    if mode == "recipe default":
-        return None
-    if value is None:
-        raise DemoError(f"enter a budget {mode}: a ratio in (0, 1] or a token count >= 1")
-    if mode == "ratio":
-        if not 0 < float(value) <= 1:
-            raise DemoError(f"a budget ratio must lie in (0, 1], got {value:g}")
-        return float(value)
-    if float(value) != int(value) or int(value) < 1:
-        raise DemoError(f"a budget count must be a whole number >= 1, got {value:g}")
-    return int(value)
-
-
-@dataclass(frozen=True)
-class DemoRequest:
-    """One validated request: the same media and prompt answered baseline and reduced."""
-
-    path: str
-    kind: str  # "image" | "video"
-    prompt: str
-    recipe: str
-    overrides: dict[str, Any] = field(default_factory=dict)
-    max_new_tokens: int = 32
-    frames: int = 8
-
-
-def make_request(
-    engine: DemoEngine,
-    path: str | None,
-    prompt: str | None,
-    recipe: str | None,
-    budget_mode: str,
-    budget_value: float | None,
-    max_new_tokens: float | None,
-    frames: float | None,
-    limits: UploadLimits,
-) -> DemoRequest:
-    """Validate the UI's values into a :class:`DemoRequest` (raises :class:`DemoError` naming the problem)."""
-    kind = check_upload(path, limits)
-    if kind == "video" and not engine.supports_video:
-        raise DemoError(
-            f"this model ({engine.family}) does not take videos: upload an image, or start the demo with a "
-            "video model (vtr demo --model ...)"
-        )
-    text = (prompt or "").strip()
-    if not text:
-        raise DemoError("enter a prompt (a question or an instruction about the image or video)")
-    if len(text) > MAX_PROMPT_CHARS:
-        raise DemoError(f"the prompt has {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
-    if recipe not in recipes.names():
-        raise DemoError(f"unknown recipe {recipe!r}; available: {', '.join(recipes.names())}")
-    keep = parse_budget(budget_mode, budget_value)
-    overrides = {} if keep is None else {"keep": keep}
-    try:
-        recipes.build(recipe, **overrides)
-    except (ValueError, TypeError) as exc:
-        raise DemoError(f"recipe {recipe!r}: {exc}") from exc
-    n_new = _whole(max_new_tokens, "max new tokens", 1, limits.max_new_tokens)
-    n_frames = _whole(frames, "frames", 1, limits.max_frames)
-    return DemoRequest(str(path), kind, text, recipe, overrides, n_new, n_frames)
-
-
-def _whole(value: float | None, name: str, lo: int, hi: int) -> int:
-    if value is None or float(value) != int(value) or not lo <= int(value) <= hi:
-        raise DemoError(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
-    return int(value)
+__all__ = ["DemoEngine", "PeakMemory", "Update"]
 
 
 # ----------------------------------------------------------------------------------------------- measuring
@@ -244,8 +72,13 @@ class PeakMemory:
         self._ok = False
 
     @property
+    def exact(self) -> bool:
+        """CUDA figures count tensor memory exactly; CPU RSS also moves with the allocator and other threads."""
+        return self.cuda
+
+    @property
     def label(self) -> str:
-        return "peak CUDA memory above start" if self.cuda else "peak process RSS above start"
+        return "peak CUDA memory above start" if self.cuda else "peak process RSS growth, rough"
 
     def __enter__(self) -> PeakMemory:
         if self.cuda:
@@ -296,10 +129,11 @@ class _TokenStream:
         self.queue.put(None)
 
 
-class _Cancel:
+class _Cancel(StoppingCriteria):
     """Stopping criterion that ends generation once ``event`` is set (the page went away)."""
 
     def __init__(self, event: threading.Event):
+        super().__init__()
         self.event = event
 
     def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
@@ -323,6 +157,7 @@ class Update:
     layouts: list[ImageLayout] | None = None
     views: ViewInputs | None = None
     memory_label: str = ""
+    memory_exact: bool = False
     recipe_text: str = ""
 
 
@@ -342,6 +177,11 @@ class DemoEngine:
         self.family = adapter.name
         self.supports_video = bool(adapter.supports_video) and getattr(processor, "video_processor", None) is not None
         self.device = next(model.parameters()).device
+        self.bytes_per_value = next(model.parameters()).element_size()
+        text = model.config.get_text_config()
+        decoder = all(hasattr(text, a) for a in ("num_hidden_layers", "num_attention_heads", "hidden_size"))
+        #: The LLM's config for analytic KV-cache figures (``None`` when it is not decoder-shaped).
+        self.text_config = text if decoder else None
         gen = getattr(model.generation_config, "max_new_tokens", None)
         self.default_max_new_tokens = int(gen) if gen else 32
         self._lock = threading.Lock()
@@ -408,8 +248,6 @@ class DemoEngine:
         Closing the iterator early stops generation and waits for the worker, so the model is never left
         running when the caller unwraps it.
         """
-        from transformers import StoppingCriteriaList
-
         streamer = _TokenStream()
         stop = threading.Event()
         errors: list[BaseException] = []
@@ -470,11 +308,11 @@ class DemoEngine:
                 raise RuntimeError("the demo model is wrapped outside a request; refusing to mix results")
             inputs, media = self.prepare(req)
             base: SideResult | None = None
-            label = ""
+            meter: PeakMemory | None = None
             yield Update("baseline")
             with closing(self._stream(inputs, req.max_new_tokens, cancel)) as stream:
-                for text, result, meter in stream:
-                    base, label = result, meter.label
+                for text, result, side_meter in stream:
+                    base, meter = result, side_meter
                     yield Update("baseline", base_text=text, base=base)
             assert base is not None
             with vtr.reduced(self.model, req.recipe, **req.overrides):
@@ -499,7 +337,8 @@ class DemoEngine:
                 report=report,
                 layouts=layouts,
                 views=ViewInputs(media=media, inputs=inputs, processor=self.processor),
-                memory_label=label,
+                memory_label=meter.label if meter else "",
+                memory_exact=bool(meter and meter.exact),
                 recipe_text=recipe_text,
             )
 

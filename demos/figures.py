@@ -10,6 +10,7 @@ import html
 import io
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -26,6 +27,7 @@ __all__ = [
     "comparison_rows",
     "compose",
     "figures_html",
+    "kv_cache_bytes",
     "layer_tokens",
     "stage_tokens",
     "token_panels",
@@ -54,17 +56,22 @@ class SideResult:
 
 @dataclass(frozen=True)
 class FigureRow:
-    """One compared figure; ``ratio`` is reduced / baseline (``None`` when either is missing or 0)."""
+    """One compared figure; ``ratio`` is reduced / baseline.
+
+    ``ratio`` is ``None`` when either value is missing or the baseline is 0, and for rough figures
+    (``compare=False``) whose ratio would read as a finding when it is noise.
+    """
 
     key: str
     label: str
     baseline: float | None
     reduced: float | None
     fmt: str = "{:.0f}"
+    compare: bool = True
 
     @property
     def ratio(self) -> float | None:
-        if self.baseline is None or self.reduced is None or self.baseline == 0:
+        if not self.compare or self.baseline is None or self.reduced is None or self.baseline == 0:
             return None
         return self.reduced / self.baseline
 
@@ -72,10 +79,33 @@ class FigureRow:
         return "n/a" if value is None else self.fmt.format(value)
 
 
+def kv_cache_bytes(text_config: Any, rows_per_layer: Sequence[int], bytes_per_value: int) -> int:
+    """Analytic KV-cache size: keys and values of ``rows_per_layer[l]`` rows in each decoder layer ``l``."""
+    heads = text_config.num_attention_heads
+    kv = getattr(text_config, "num_key_value_heads", None) or heads
+    head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
+    if len(rows_per_layer) != text_config.num_hidden_layers:
+        raise ValueError(f"{len(rows_per_layer)} row counts for {text_config.num_hidden_layers} decoder layers")
+    return int(2 * kv * head_dim * bytes_per_value * sum(rows_per_layer))
+
+
 def comparison_rows(
-    base: SideResult, red: SideResult, report: Report, memory_label: str, sample: int = 0
+    base: SideResult,
+    red: SideResult,
+    report: Report,
+    *,
+    memory_label: str,
+    memory_exact: bool,
+    text_config: Any = None,
+    bytes_per_value: int = 4,
+    sample: int = 0,
 ) -> list[FigureRow]:
-    """The side-by-side figures of one request: tokens, times, memory, analytic FLOPs."""
+    """The side-by-side figures of one request: tokens, times, memory, analytic KV cache and FLOPs.
+
+    ``memory_exact=False`` (CPU process RSS) shows the measured values without a ratio. With a decoder
+    ``text_config`` the KV cache after prefill is computed from the prompt rows, per LLM layer when the
+    report has :func:`layer_tokens`.
+    """
     rows = [
         FigureRow(
             "visual_tokens",
@@ -84,6 +114,7 @@ def comparison_rows(
             report.tokens_out(sample),
         ),
     ]
+    full = cut = None
     if len(report.prompt_tokens) > sample:
         full, cut = report.prompt_tokens[sample]
         rows.append(FigureRow("prompt_rows", "LLM prompt rows (text + visual)", full, cut))
@@ -97,8 +128,23 @@ def comparison_rows(
             None if base.peak_bytes is None else base.peak_bytes / 2**20,
             None if red.peak_bytes is None else red.peak_bytes / 2**20,
             "{:.1f}",
+            compare=memory_exact,
         ),
     ]
+    if text_config is not None and full is not None and cut is not None:
+        n_layers = text_config.num_hidden_layers
+        layers = layer_tokens(report, sample)
+        text_rows = full - report.original_tokens[sample]
+        red_rows = [text_rows + n for n in layers] if layers else [cut] * n_layers
+        rows.append(
+            FigureRow(
+                "kv_cache",
+                "KV cache after prefill (MB, analytic)",
+                kv_cache_bytes(text_config, [full] * n_layers, bytes_per_value) / 2**20,
+                kv_cache_bytes(text_config, red_rows, bytes_per_value) / 2**20,
+                "{:.3g}",
+            )
+        )
     if len(report.llm_prefill_flops) > sample:
         f0, f1 = report.llm_prefill_flops[sample]
         rows.append(FigureRow("prefill_gflops", "LLM prefill GFLOPs (analytic)", f0 / 1e9, f1 / 1e9, "{:.4g}"))

@@ -26,16 +26,7 @@ from typing import Any
 import gradio as gr
 
 from vtr import recipes
-from vtr.demos.engine import (
-    BUDGET_MODES,
-    IMAGE_TYPES,
-    VIDEO_TYPES,
-    DemoEngine,
-    DemoError,
-    UploadLimits,
-    check_upload,
-    make_request,
-)
+from vtr.demos.engine import DemoEngine
 from vtr.demos.figures import (
     comparison_rows,
     compose,
@@ -44,6 +35,15 @@ from vtr.demos.figures import (
     stage_tokens,
     token_panels,
     tokens_plot,
+)
+from vtr.demos.inputs import (
+    BUDGET_MODES,
+    IMAGE_TYPES,
+    VIDEO_TYPES,
+    DemoError,
+    UploadLimits,
+    check_media,
+    make_request,
 )
 from vtr.models import assets_dir
 
@@ -71,15 +71,13 @@ def theme() -> gr.themes.Base:
     )
 
 
-def default_examples(root: Path | None = None) -> list[list[str]]:
-    """``[path, prompt]`` rows for the images in ``assets/`` and the clips in ``assets/videos/``."""
+def default_examples(root: Path | None = None, *, videos: bool = True) -> list[list[str]]:
+    """``[path, prompt]`` rows for the images in ``assets/`` and (``videos=True``) the clips in ``assets/videos/``."""
     root = assets_dir() if root is None else root
     rows = [[str(p), EXAMPLE_PROMPTS["image"]] for p in sorted(root.glob("*")) if p.suffix.lower() in IMAGE_TYPES]
-    videos = root / "videos"
-    if videos.is_dir():
-        rows += [
-            [str(p), EXAMPLE_PROMPTS["video"]] for p in sorted(videos.iterdir()) if p.suffix.lower() in VIDEO_TYPES
-        ]
+    clips = root / "videos"
+    if videos and clips.is_dir():
+        rows += [[str(p), EXAMPLE_PROMPTS["video"]] for p in sorted(clips.iterdir()) if p.suffix.lower() in VIDEO_TYPES]
     return rows
 
 
@@ -92,7 +90,9 @@ def build_app(
 ) -> gr.Blocks:
     """The Blocks app around ``engine`` (not launched; see :func:`launch`)."""
     limits = limits or UploadLimits()
-    examples = default_examples() if examples is None else [list(e) for e in examples]
+    if examples is None:
+        examples = default_examples(videos=engine.supports_video)
+    examples = [list(e) for e in examples]
     names = recipes.names()
     described = recipes.describe()
     video_note = "images and videos" if engine.supports_video else "images (this model takes no videos)"
@@ -170,7 +170,7 @@ def build_app(
             if not path:
                 return gr.skip(), None, gr.skip()
             try:
-                kind = check_upload(path, limits)
+                kind = check_media(engine, path, limits)
                 if kind == "video":
                     from vtr.video import read_video
 
@@ -206,7 +206,15 @@ def build_app(
                         )
                         continue
                     report = up.report
-                    rows = comparison_rows(up.base, up.red, report, up.memory_label)
+                    rows = comparison_rows(
+                        up.base,
+                        up.red,
+                        report,
+                        memory_label=up.memory_label,
+                        memory_exact=up.memory_exact,
+                        text_config=engine.text_config,
+                        bytes_per_value=engine.bytes_per_value,
+                    )
                     stages = stage_tokens(report)
                     panels, notes_list = ([], ["no layout found: overlays unavailable"])
                     if up.layouts is not None:

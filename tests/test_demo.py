@@ -7,6 +7,7 @@ tiny random models of every family (one model instance for both sides, unwrapped
 from __future__ import annotations
 
 import sys
+from dataclasses import dataclass
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,19 +18,21 @@ from hypothesis import strategies as st
 from PIL import Image
 
 import vtr
-from vtr.demos.engine import DemoEngine, DemoError, PeakMemory, UploadLimits, check_upload, make_request, parse_budget
+from vtr.demos.engine import DemoEngine, PeakMemory
 from vtr.demos.figures import (
     FigureRow,
     SideResult,
     comparison_rows,
     compose,
     figures_html,
+    kv_cache_bytes,
     layer_tokens,
     stage_tokens,
     token_panels,
     tokens_plot,
 )
 from vtr.demos.geometry import ViewInputs, cell_boxes, denormalize, grid_slices, grid_views, unit_slots
+from vtr.demos.inputs import DemoError, UploadLimits, check_media, check_upload, make_request, parse_budget
 from vtr.demos.overlay import DIM, KEPT_OUTLINE, MERGED_OUTLINE, PALETTE, TINT, draw_tokens, strip
 from vtr.models import assets_dir
 from vtr.report import ImageRecord, Report, StageRecord
@@ -208,22 +211,36 @@ def _report(kept=(0, 3), groups=None, n=4, operator="DivPrune", layers=None) -> 
 def test_comparison_rows_and_ratios():
     base = SideResult("purple", 4, 0.2, 0.5, 2 * 2**20)
     red = SideResult("purple", 4, 0.1, 0.4, None)
-    rows = {r.key: r for r in comparison_rows(base, red, _report(), "peak RSS")}
-    assert list(rows) == [
-        "visual_tokens",
-        "prompt_rows",
-        "ttft",
-        "total",
-        "new_tokens",
-        "peak_memory",
-        "prefill_gflops",
-    ]
+    rows = {r.key: r for r in comparison_rows(base, red, _report(), memory_label="peak", memory_exact=True)}
+    keys = ["visual_tokens", "prompt_rows", "ttft", "total", "new_tokens", "peak_memory", "prefill_gflops"]
+    assert list(rows) == keys
     assert (rows["visual_tokens"].baseline, rows["visual_tokens"].reduced, rows["visual_tokens"].ratio) == (4, 2, 0.5)
     assert (rows["prompt_rows"].baseline, rows["prompt_rows"].reduced) == (14, 12)
     assert rows["ttft"].ratio == pytest.approx(0.5) and rows["prefill_gflops"].ratio == pytest.approx(0.25)
     assert rows["peak_memory"].text(rows["peak_memory"].baseline) == "2.0" and rows["peak_memory"].ratio is None
-    assert rows["peak_memory"].text(None) == "n/a" and rows["peak_memory"].label == "peak RSS (MB)"
+    assert rows["peak_memory"].text(None) == "n/a" and rows["peak_memory"].label == "peak (MB)"
     assert FigureRow("x", "x", 0, 3).ratio is None
+    # Rough (CPU RSS) memory: values shown, no ratio.
+    red = SideResult("purple", 4, 0.1, 0.4, 2**20)
+    rows = {r.key: r for r in comparison_rows(base, red, _report(), memory_label="rss", memory_exact=False)}
+    assert rows["peak_memory"].reduced == 1.0 and rows["peak_memory"].ratio is None
+    rows = {r.key: r for r in comparison_rows(base, red, _report(), memory_label="cuda", memory_exact=True)}
+    assert rows["peak_memory"].ratio == 0.5
+
+
+def test_kv_cache_rows():
+    # 2 layers, 4 heads of 8 (2 KV heads), fp16: 2 * 2 * 8 * 2 = 64 bytes per row and layer.
+    cfg = SimpleNamespace(num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, hidden_size=32)
+    assert kv_cache_bytes(cfg, [10, 5], 2) == 64 * 15
+    with pytest.raises(ValueError, match="3 row counts for 2 decoder layers"):
+        kv_cache_bytes(cfg, [1, 2, 3], 2)
+    base = SideResult("a", 1, 0.1, 0.2, None)
+    kw = dict(memory_label="m", memory_exact=False, text_config=cfg, bytes_per_value=2)
+    (kv,) = [r for r in comparison_rows(base, base, _report(), **kw) if r.key == "kv_cache"]
+    assert (kv.baseline, kv.reduced) == (64 * 2 * 14 / 2**20, 64 * 2 * 12 / 2**20)  # 14 -> 12 prompt rows
+    # With per-layer visual tokens (pruning inside the LLM): text rows (14 - 4) + each layer's visual tokens.
+    (kv,) = [r for r in comparison_rows(base, base, _report(layers=[[4, 1]]), **kw) if r.key == "kv_cache"]
+    assert kv.reduced == 64 * (14 + 11) / 2**20
 
 
 def test_stage_and_layer_tokens_and_plot():
@@ -237,7 +254,8 @@ def test_stage_and_layer_tokens_and_plot():
 
 def test_figures_html_hooks_and_escaping():
     base, red = SideResult("a", 1, 0.1, 0.2, None), SideResult("b", 1, 0.1, 0.2, None)
-    page = figures_html(comparison_rows(base, red, _report(), "m"), stage_tokens(_report()), "<b>“q”</b>")
+    rows = comparison_rows(base, red, _report(), memory_label="m", memory_exact=False)
+    page = figures_html(rows, stage_tokens(_report()), "<b>“q”</b>")
     assert '<td data-metric="visual_tokens" data-side="reduced">2</td>' in page
     assert '<td data-metric="visual_tokens" data-side="ratio">0.500</td>' in page
     assert "&lt;b&gt;" in page and "<b>" not in page
@@ -304,6 +322,35 @@ def test_check_upload(tmp_path):
         UploadLimits(video_mb=0)
 
 
+def test_check_media_refuses_videos_for_image_models(tmp_path):
+    clip = _write_video(tmp_path / "clip.mp4")
+    image_only = SimpleNamespace(family="LLaVA-1.5", supports_video=False)
+    with pytest.raises(DemoError, match=r"this model \(LLaVA-1.5\) does not take videos: upload an image"):
+        check_media(image_only, clip, UploadLimits())
+    assert check_media(SimpleNamespace(family="Qwen2-VL", supports_video=True), clip, UploadLimits()) == "video"
+
+
+@dataclass
+class _NoBudget(vtr.ops.base.Operator):
+    """An operator without a ``keep`` field (like pooling recipes with their own parameters)."""
+
+    stride: int = 2
+
+
+def test_budget_on_a_recipe_without_keep_says_what_to_do(bundled):
+    from vtr import recipes
+
+    recipes.register("zz_no_budget", lambda: [_NoBudget()], "probe")
+    try:
+        with pytest.raises(
+            DemoError, match=r"recipe 'zz_no_budget': unknown option 'keep'.*choose the budget 'recipe d"
+        ):
+            _request(bundled, recipe="zz_no_budget")
+        assert _request(bundled, recipe="zz_no_budget", mode="recipe default").overrides == {}
+    finally:
+        recipes._REGISTRY.pop("zz_no_budget")
+
+
 def test_parse_budget():
     assert parse_budget("recipe default", None) is None
     assert parse_budget("ratio", 0.25) == 0.25 and parse_budget("count", 64.0) == 64
@@ -366,6 +413,7 @@ def test_engine_one_model_both_sides(bundled):
     assert phases.index("reduced") > max(i for i, p in enumerate(phases) if p == "baseline")
     done = updates[-1]
     assert bundled.model is model and not vtr.is_wrapped(model)  # scoped: restored after the request
+    assert bundled.text_config is not None and bundled.bytes_per_value == 4
     assert done.base.answer and done.red.answer and done.base.new_tokens == done.red.new_tokens == 3
     assert done.report.original_tokens == [196] and done.report.tokens_out(0) == 20
     assert 0 < done.base.ttft_s <= done.base.total_s and 0 < done.red.ttft_s <= done.red.total_s
@@ -388,6 +436,15 @@ def test_engine_closed_mid_request_leaves_the_model_clean(bundled):
     assert list(bundled.run(_request(bundled)))[-1].phase == "done"  # the lock was released
 
 
+def test_engine_cancel_stops_both_sides_after_one_token(bundled):
+    import threading
+
+    cancel = threading.Event()
+    cancel.set()
+    done = list(bundled.run(_request(bundled, max_new_tokens=6), cancel))[-1]
+    assert done.base.new_tokens == done.red.new_tokens == 1 and not vtr.is_wrapped(bundled.model)
+
+
 def test_engine_rejects_wrapped_and_unsupported_models(bundled, tmp_path):
     with vtr.reduced(bundled.model, "pool", keep=0.5):
         with pytest.raises(ValueError, match="needs the model unwrapped"):
@@ -403,7 +460,7 @@ def test_peak_memory_cpu():
     with meter:
         x = torch.ones(4 * 2**20)  # 16 MiB
         del x
-    assert meter.label == "peak process RSS above start"
+    assert meter.label == "peak process RSS growth, rough" and not meter.exact
     assert meter.peak_bytes is None or meter.peak_bytes >= 8 * 2**20
 
 
