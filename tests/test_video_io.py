@@ -408,3 +408,19 @@ def test_bench_video_speed_runs_on_tiny_settings(tmp_path, capsys):
     assert runs["baseline"]["visual_tokens"] == 16  # 4 temporal steps of a 2x2 merged grid
     assert runs["storm"]["visual_tokens"] == 4 and runs["quota"]["visual_tokens"] == 4
     assert (out / "prefill.png").is_file() and "| quota | 4 |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ bundled clips
+ASSET_VIDEOS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "assets" / "videos").glob("*") if p.suffix in (".mp4", ".mkv")
+)
+
+
+@pytest.mark.skipif(not ASSET_VIDEOS, reason="no sample clips in assets/videos/ yet (they come with the bundled model)")
+def test_run_bundled_clip_offline(capsys):
+    """``vtr run --video assets/videos/<clip> --recipe storm`` works offline with the bundled video model."""
+    code, out, err = _run_video(capsys, "--video", str(ASSET_VIDEOS[0]), "--recipe", "storm")
+    assert code == 0, err
+    base, reduced = _row(out, "visual tokens")[:2]
+    assert int(reduced) < int(base)
+    assert "tokens per frame" in out and "frames used" in out
