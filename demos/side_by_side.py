@@ -47,7 +47,7 @@ from vtr.demos.inputs import (
 )
 from vtr.models import assets_dir
 
-__all__ = ["build_app", "default_examples", "launch", "main", "serve", "theme"]
+__all__ = ["build_app", "default_examples", "launch", "main", "media_outputs", "run_outputs", "serve", "theme"]
 
 #: Example prompts per media kind (the bundled models answer these).
 EXAMPLE_PROMPTS = {"image": "What colour is the circle?", "video": "Describe the video."}
@@ -83,6 +83,82 @@ def default_examples(root: Path | None = None, *, videos: bool = True) -> list[l
 
 def _status(text: str, error: bool = False) -> str:
     return f'<span class="vtr-error">Error: {text}</span>' if error else text
+
+
+def media_outputs(engine: DemoEngine, limits: UploadLimits, path: str | None) -> tuple[Any, Any, Any]:
+    """``(file, preview, status)`` after an upload: show it, or drop it and say why (the message stays)."""
+    if not path:
+        return gr.skip(), None, gr.skip()
+    try:
+        kind = check_media(engine, path, limits)
+        if kind == "video":
+            from vtr.video import read_video
+
+            clip = read_video(path, num_frames=1)
+            text = f"Video ready: {Path(path).name}, {clip.duration:.1f} s at {clip.fps:.1f} fps."
+            return gr.skip(), clip.frames[0], text
+        return gr.skip(), path, f"Image ready: {Path(path).name}."
+    except DemoError as exc:
+        return None, None, _status(str(exc), error=True)
+
+
+def run_outputs(
+    engine: DemoEngine,
+    limits: UploadLimits,
+    path: str | None,
+    text: str | None,
+    recipe_name: str | None,
+    mode: str,
+    value: float | None,
+    n_new: float | None,
+    n_frames: float | None,
+) -> Iterator[tuple]:
+    """The run event: ``(status, baseline answer, reduced answer, figures, overlay, plot, notes)`` per step.
+
+    Streams both answers, then the figures. Any error ends in an error status, never in a dead server.
+    """
+    try:
+        req = make_request(engine, path, text, recipe_name, mode, value, n_new, n_frames, limits)
+    except DemoError as exc:
+        yield (_status(str(exc), error=True), "", "", "", None, None, "")
+        return
+    budget = ", ".join(f"{k}={v!r}" for k, v in req.overrides.items()) or "recipe default"
+    title = f"“{req.prompt}” — {req.recipe} ({budget}) on {Path(req.path).name}"
+    skip = gr.skip()
+    try:
+        for up in engine.run(req):
+            if up.phase != "done":
+                where = "baseline" if up.phase == "baseline" else f"reduced ({req.recipe})"
+                first = up.phase == "baseline" and not up.base_text
+                clear = (None, None, "") if first else (skip, skip, skip)
+                yield (f"Generating the {where} answer…", up.base_text, up.red_text, "" if first else skip, *clear)
+                continue
+            report = up.report
+            rows = comparison_rows(
+                up.base,
+                up.red,
+                report,
+                memory_label=up.memory_label,
+                memory_exact=up.memory_exact,
+                text_config=engine.text_config,
+                bytes_per_value=engine.bytes_per_value,
+            )
+            stages = stage_tokens(report)
+            panels, notes = [], ["no layout found: overlays unavailable"]
+            if up.layouts is not None:
+                panels, notes = token_panels(report, up.layouts, engine.family, up.views)
+            yield (
+                f"Done: {up.recipe_text}.",
+                up.base_text or "(empty answer)",
+                up.red_text or "(empty answer)",
+                figures_html(rows, stages, title),
+                compose(panels),
+                tokens_plot(stages, layer_tokens(report)),
+                "\n".join(f"* {n}" for n in notes),
+            )
+    except Exception as exc:  # shown in the page; the server keeps serving
+        traceback.print_exc()
+        yield (_status(f"{type(exc).__name__}: {exc}", error=True), skip, skip, skip, skip, skip, skip)
 
 
 def build_app(
@@ -166,72 +242,10 @@ def build_app(
         outputs = [status, base_answer, red_answer, figures, overlay, plot, notes]
 
         def on_media(path: str | None) -> tuple[Any, Any, Any]:
-            """Check an upload at once: show it, or drop it and say why (the message stays until the next one)."""
-            if not path:
-                return gr.skip(), None, gr.skip()
-            try:
-                kind = check_media(engine, path, limits)
-                if kind == "video":
-                    from vtr.video import read_video
+            return media_outputs(engine, limits, path)
 
-                    clip = read_video(path, num_frames=1)
-                    text = f"Video ready: {Path(path).name}, {clip.duration:.1f} s at {clip.fps:.1f} fps."
-                    return gr.skip(), clip.frames[0], text
-                return gr.skip(), path, f"Image ready: {Path(path).name}."
-            except DemoError as exc:
-                return None, None, _status(str(exc), error=True)
-
-        def on_run(path, text, recipe_name, mode, value, n_new, n_frames) -> Iterator[tuple]:
-            try:
-                req = make_request(engine, path, text, recipe_name, mode, value, n_new, n_frames, limits)
-            except DemoError as exc:
-                yield (_status(str(exc), error=True), "", "", "", None, None, "")
-                return
-            budget = ", ".join(f"{k}={v!r}" for k, v in req.overrides.items()) or "recipe default"
-            title = f"“{req.prompt}” — {req.recipe} ({budget}) on {Path(req.path).name}"
-            skip = gr.skip()
-            try:
-                for up in engine.run(req):
-                    if up.phase != "done":
-                        where = "baseline" if up.phase == "baseline" else f"reduced ({req.recipe})"
-                        first = up.phase == "baseline" and not up.base_text
-                        yield (
-                            f"Generating the {where} answer…",
-                            up.base_text,
-                            up.red_text,
-                            "" if first else skip,
-                            None if first else skip,
-                            None if first else skip,
-                            "" if first else skip,
-                        )
-                        continue
-                    report = up.report
-                    rows = comparison_rows(
-                        up.base,
-                        up.red,
-                        report,
-                        memory_label=up.memory_label,
-                        memory_exact=up.memory_exact,
-                        text_config=engine.text_config,
-                        bytes_per_value=engine.bytes_per_value,
-                    )
-                    stages = stage_tokens(report)
-                    panels, notes_list = ([], ["no layout found: overlays unavailable"])
-                    if up.layouts is not None:
-                        panels, notes_list = token_panels(report, up.layouts, engine.family, up.views)
-                    done = f"Done: {up.recipe_text}."
-                    yield (
-                        done,
-                        up.base_text or "(empty answer)",
-                        up.red_text or "(empty answer)",
-                        figures_html(rows, stages, title),
-                        compose(panels),
-                        tokens_plot(stages, layer_tokens(report)),
-                        "\n".join(f"* {n}" for n in notes_list),
-                    )
-            except Exception as exc:  # shown in the page; the server keeps serving
-                traceback.print_exc()
-                yield (_status(f"{type(exc).__name__}: {exc}", error=True), skip, skip, skip, skip, skip, skip)
+        def on_run(*values: Any) -> Iterator[tuple]:
+            yield from run_outputs(engine, limits, *values)
 
         media.change(on_media, media, [media, preview, status], concurrency_limit=4, concurrency_id="uploads")
         run.click(

@@ -538,6 +538,42 @@ def test_app_lists_every_registered_recipe(bundled):
     assert [e[0] for e in default_examples()][:1] == [str(SAMPLE)]
 
 
+@dataclass
+class _Boom(vtr.ops.base.Operator):
+    """An operator that fails inside the reduced call."""
+
+    def apply(self, tokens, ctx):
+        raise RuntimeError("boom")
+
+
+def test_run_outputs_stream_then_show_errors_in_the_page(bundled, tmp_path):
+    pytest.importorskip("gradio")
+    from vtr import recipes
+    from vtr.demos.side_by_side import media_outputs, run_outputs
+
+    limits = UploadLimits()
+    (status, *rest) = list(run_outputs(bundled, limits, None, "q", "divprune", "ratio", 0.1, 2, 8))[-1]
+    assert "Error: no image or video" in status and rest == ["", "", "", None, None, ""]
+    outs = list(run_outputs(bundled, limits, str(SAMPLE), "What colour is the circle?", "pool", "ratio", 0.25, 2, 8))
+    assert outs[0][0] == "Generating the baseline answer…" and outs[0][3:] == ("", None, None, "")
+    status, base, red, figures, overlay, plot, notes = outs[-1]
+    assert status.startswith("Done: Pool(") and base and red and 'data-side="reduced">49<' in figures
+    assert isinstance(overlay, Image.Image) and isinstance(plot, Image.Image) and notes == ""
+    recipes.register("zz_boom", lambda: [_Boom()], "fails")
+    try:
+        outs = list(run_outputs(bundled, limits, str(SAMPLE), "q", "zz_boom", "recipe default", None, 2, 8))
+    finally:
+        recipes._REGISTRY.pop("zz_boom")
+    assert any(o[1] for o in outs[:-1])  # the baseline answer came before the failure
+    assert outs[-1][0] == '<span class="vtr-error">Error: RuntimeError: boom</span>'
+    assert not vtr.is_wrapped(bundled.model)
+    # Uploads: shown when good, dropped with the reason when bad.
+    assert media_outputs(bundled, limits, str(SAMPLE))[1:] == (str(SAMPLE), "Image ready: sample.png.")
+    (tmp_path / "x.gif").write_bytes(b"GIF89a")
+    file, preview, status = media_outputs(bundled, limits, str(tmp_path / "x.gif"))
+    assert file is None and preview is None and "x.gif is not a valid image file" in status
+
+
 def test_default_examples_include_videos(tmp_path):
     pytest.importorskip("gradio")
     from vtr.demos.side_by_side import EXAMPLE_PROMPTS, default_examples

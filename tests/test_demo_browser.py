@@ -44,15 +44,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def server(tmp_path_factory):
-    """``vtr demo`` on a free localhost port; yields its URL, stops it afterwards."""
+def _serve(log_path: Path, *extra: str):
+    """Start ``vtr demo`` on a free port in a subprocess; yield its URL once it serves, stop it afterwards."""
     port = _free_port()
-    log_path = tmp_path_factory.mktemp("demo") / "server.log"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     with open(log_path, "w") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "vtr.cli", "demo", "--port", str(port)],
+            [sys.executable, "-m", "vtr.cli", "demo", "--port", str(port), *extra],
             stdout=log,
             stderr=subprocess.STDOUT,
             env=env,
@@ -80,6 +78,24 @@ def server(tmp_path_factory):
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """``vtr demo`` on the bundled model."""
+    yield from _serve(tmp_path_factory.mktemp("demo") / "server.log")
+
+
+@pytest.fixture(scope="module")
+def video_server(tmp_path_factory):
+    """``vtr demo --model DIR`` on a saved tiny random Qwen2-VL (a video model)."""
+    from vtr.testing import tiny_qwen2_vl
+
+    folder = tmp_path_factory.mktemp("qwen")
+    model, processor = tiny_qwen2_vl()
+    model.save_pretrained(folder)
+    processor.save_pretrained(folder)
+    yield from _serve(folder / "server.log", "--model", str(folder))
 
 
 @pytest.fixture(scope="module")
@@ -220,3 +236,61 @@ def test_concurrent_sessions_get_their_own_results(browser, server):
     finally:
         for ctx in contexts:
             ctx.close()
+
+
+def _write_clip(path: Path, frames: int = 8, size: int = 64) -> Path:
+    """A clip with a white square moving left to right (PyAV, MPEG-4)."""
+    import av
+    import numpy as np
+
+    out = av.open(str(path), "w")
+    stream = out.add_stream("mpeg4", rate=4)
+    stream.height = stream.width = size
+    stream.pix_fmt = "yuv420p"
+    for i in range(frames):
+        frame = np.full((size, size, 3), 40, np.uint8)
+        x = i * (size - 16) // max(frames - 1, 1)
+        frame[24:40, x : x + 16] = 255
+        for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+            out.mux(packet)
+    for packet in stream.encode():
+        out.mux(packet)
+    out.close()
+    return path
+
+
+def test_video_on_a_video_model(browser, video_server, tmp_path):
+    ctx = browser.new_context(viewport={"width": 1400, "height": 1000})
+    try:
+        page = ctx.new_page()
+        page.set_default_timeout(60_000)
+        page.goto(video_server)
+        page.locator("#run").wait_for()
+        assert "Qwen2-VL family" in page.locator("body").inner_text()
+        page.locator("#media input[type=file]").set_input_files(str(_write_clip(tmp_path / "clip.mp4")))
+        page.wait_for_function("document.querySelector('#status').innerText.includes('Video ready: clip.mp4')")
+        page.locator("#prompt textarea").fill("what moves ?")
+        page.locator("#recipe input").click()
+        page.locator('li[role=option][aria-label^="divprune —"]').click()
+        page.locator("#budget-mode label", has_text="ratio").click()
+        page.locator("#budget-value input").fill("0.5")
+        page.get_by_text("Advanced").click()
+        for slider, value in (("#frames", "4"), ("#max-new-tokens", "3")):
+            page.locator(f"{slider} input[type=number]").fill(value)
+            page.locator(f"{slider} input[type=number]").press("Enter")
+        page.locator("#run").click()
+        page.locator(RESULT).wait_for()
+        n = int(_cell(page, "visual_tokens", "baseline"))
+        assert int(_cell(page, "visual_tokens", "reduced")) == round(0.5 * n) < n  # one budget for the whole video
+        assert "on clip.mp4" in page.locator("#figures").inner_text()
+        page.wait_for_function(
+            "document.querySelector('#overlay img') && document.querySelector('#overlay img').naturalWidth > 0"
+        )
+        # 4 frames = 2 temporal steps of Qwen2-VL: the overlay is a strip of two frames side by side.
+        width, height = page.evaluate(
+            "(i => [i.naturalWidth, i.naturalHeight])(document.querySelector('#overlay img'))"
+        )
+        assert width > 1.5 * height
+        assert "Done" in page.locator("#status").inner_text()
+    finally:
+        ctx.close()
