@@ -85,3 +85,12 @@ def fake_reader(path: str, **kwargs) -> FakeClip:
     if "bad" in path:
         raise ValueError(f"cannot read {path}")
     return FakeClip(path)
+
+
+def crashing_reader(path: str, **kwargs):
+    """``vtr.video.read_video``, except that a file named ``crash*`` kills the process reading it (SIGSEGV)."""
+    from vtr.video.io import read_video
+
+    if Path(path).name.startswith("crash"):
+        os.kill(os.getpid(), signal.SIGSEGV)
+    return read_video(path, **kwargs)

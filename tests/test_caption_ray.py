@@ -89,3 +89,25 @@ def test_actor_resources():
     assert actor_resources(cfg, {"CPU": 16.0, "GPU": 4.0}) == (1.0, 1.0)
     one = CaptionConfig(input="x", out="y", engine="ray", num_gpus_per_actor=0.5, num_cpus_per_actor=3.0)
     assert actor_resources(one, {"CPU": 2.0, "GPU": 1.0}) == (0.5, 3.0)
+
+
+def test_a_video_that_kills_its_ray_worker_is_recorded_and_the_run_goes_on(setup, ray_cluster, tmp_path):
+    """Ray retries a decode task whose worker dies a bounded number of times, then the driver records the video
+    (``error_stage: "ray"``) instead of retrying forever."""
+    import caption_testutil
+    from ray import cloudpickle
+
+    cloudpickle.register_pickle_by_value(caption_testutil)  # the Ray workers cannot import the tests folder
+    good = setup["videos"]["good"][:2]
+    crash = tmp_path / "crash.mp4"
+    crash.write_bytes(b"\x00")
+    listing = tmp_path / "list.txt"
+    listing.write_text("\n".join([*good, str(crash)]) + "\n")
+    out = tmp_path / "c.jsonl"
+    config = _config(setup, out, input=str(listing), engine="ray")
+    summary = caption_videos(config, reader=caption_testutil.crashing_reader, progress=False, log=lambda _: None)
+    records = {r["path"]: r for r in read_records(out)}
+    assert set(records) == {*good, str(crash)}
+    assert records[str(crash)]["error_stage"] == "ray" and "failed on every retry" in records[str(crash)]["error"]
+    assert all(records[p]["error"] is None for p in good)
+    assert (summary.captioned, summary.failed) == (2, 1)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import warnings
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -33,11 +34,14 @@ from vtr.video.caption_model import Captioner, error_record, model_label, recipe
 if TYPE_CHECKING:
     from vtr.video.caption import CaptionConfig
 
-__all__ = ["DECODE_TASK_MEMORY", "CaptionActor", "actor_resources", "build_dataset", "run_ray"]
+__all__ = ["DECODE_TASK_MEMORY", "DECODE_TASK_RETRIES", "CaptionActor", "actor_resources", "build_dataset", "run_ray"]
 
 
 #: Memory reserved per decode task (bytes): room for one decoded clip; also keeps decoding a separate stage.
 DECODE_TASK_MEMORY = 512 * 1024**2
+#: Retries of a decode task whose worker died (Ray Data retries forever by default, so a video that crashes
+#: its decoder would stall the run); after them the video is recorded with ``error_stage: "ray"``.
+DECODE_TASK_RETRIES = 2
 
 
 def _decode_row(row: dict[str, Any], task: Callable[[str], Decoded]) -> dict[str, Any]:
@@ -97,7 +101,17 @@ def build_dataset(
     import ray.data
 
     ds = ray.data.from_items([{"path": p} for p in paths], override_num_blocks=len(paths))
-    ds = ds.map(_decode_row, fn_kwargs={"task": task}, num_cpus=1, memory=DECODE_TASK_MEMORY)
+    with warnings.catch_warnings():
+        # max_retries has no named parameter yet; Ray deprecates passing it this way from 2.64 (hence the pin
+        # ray<2.64 in the `ray` extra).
+        warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+        ds = ds.map(
+            _decode_row,
+            fn_kwargs={"task": task},
+            num_cpus=1,
+            memory=DECODE_TASK_MEMORY,
+            max_retries=DECODE_TASK_RETRIES,
+        )
     return ds.map_batches(
         CaptionActor,
         fn_constructor_kwargs={"captioner_kwargs": captioner_kwargs},
@@ -130,8 +144,9 @@ def run_ray(
     if not ray.is_initialized():
         ray.init(address=config.ray_address, include_dashboard=False, logging_level="WARNING")
         started = True
+    ctx = ray.data.DataContext.get_current()
+    saved = (ctx.enable_progress_bars, ctx.max_errored_blocks)
     try:
-        ctx = ray.data.DataContext.get_current()
         ctx.enable_progress_bars = False  # vtr shows one bar of finished videos
         ctx.max_errored_blocks = -1  # a failed block is one video: record it, keep going (see module doc)
         gpus, cpus = actor_resources(config, ray.cluster_resources())
@@ -165,5 +180,6 @@ def run_ray(
             error = "RayTaskFailed: the Ray task for this video failed on every retry (e.g. a decoder crash)"
             emit(error_record(Decoded(path, None, None, 0.0), error, stage="ray", prompt=config.prompt, **labels))
     finally:
+        ctx.enable_progress_bars, ctx.max_errored_blocks = saved
         if started:
             ray.shutdown()
