@@ -187,7 +187,7 @@ def test_config_validation(field, value, message):
 
 
 def test_yaml_run_config(tmp_path):
-    data = load_config(ROOT / "configs" / "caption.yaml")
+    data = load_config(ROOT / "configs" / "runs" / "caption.yaml")
     config = CaptionConfig(input="videos", out="c.jsonl", **data)
     assert config.engine == "local" and config.batch_size >= 1
     bad = tmp_path / "c.yaml"

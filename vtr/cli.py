@@ -88,7 +88,7 @@ def _add_caption_parser(sub) -> None:
     )
     cap.add_argument("input", help="a folder (searched recursively), a glob, a text file of paths, or a video")
     cap.add_argument("--out", help="the JSONL file (created, or resumed when it exists)")
-    cap.add_argument("--config", help="YAML run config (keys: the long option names, e.g. configs/caption.yaml)")
+    cap.add_argument("--config", help="YAML run config (keys: the long option names, e.g. configs/runs/caption.yaml)")
     cap.add_argument("--recipe", help="recipe name or YAML path, or 'none' for no reduction (default divprune)")
     cap.add_argument("--keep", type=_keep, help="budget: int count or float ratio (recipe default)")
     cap.add_argument("--prompt", help="instruction given with every video")
