@@ -238,31 +238,35 @@ class Batcher:
         return keys[rng.choice(len(keys), p=p / p.sum())]
 
     def image_turns(self, scene, rng, qpi: int, p_desc: float, weights: dict[str, float]) -> list[tuple[str, str, str]]:
+        """One description turn (probability ``p_desc``) or up to ``qpi`` distinct questions, never both: a
+        description earlier in the conversation would let later answers be copied from text, not read from the
+        image (an earlier revision did that, and question accuracy stalled near chance)."""
+        if rng.random() < p_desc:
+            q, a = synthqa.ask(scene, "describe", rng)
+            return [(q, a, "describe")]
         turns: list[tuple[str, str, str]] = []
         tries = 0
         while len(turns) < qpi and tries < 4 * qpi:
             tries += 1
             qtype = self._draw(rng, weights)
             qa = synthqa.ask(scene, qtype, rng)
-            if qa is not None:
+            if qa is not None and all(qa[0] != t[0] for t in turns):  # a repeated question is a copy task
                 turns.append((qa[0], qa[1], qtype))
-        if rng.random() < p_desc:
-            q, a = synthqa.ask(scene, "describe", rng)
-            turns.insert(int(rng.integers(0, len(turns) + 1)), (q, a, "describe"))
         return turns
 
     def clip_turns(self, clip, rng, qpv: int, p_desc: float) -> list[tuple[str, str, str]]:
+        """Like :meth:`image_turns` for a clip: one description or up to ``qpv`` distinct questions."""
+        if rng.random() < p_desc:
+            q, a = synthqa.ask_clip(clip, "describe", rng)
+            return [(q, a, "describe")]
         turns: list[tuple[str, str, str]] = []
         tries = 0
         while len(turns) < qpv and tries < 4 * qpv:
             tries += 1
             qtype = self._draw(rng, VIDEO_WEIGHTS)
             qa = synthqa.ask_clip(clip, qtype, rng)
-            if qa is not None:
+            if qa is not None and all(qa[0] != t[0] for t in turns):
                 turns.append((qa[0], qa[1], qtype))
-        if rng.random() < p_desc:
-            q, a = synthqa.ask_clip(clip, "describe", rng)
-            turns.insert(int(rng.integers(0, len(turns) + 1)), (q, a, "describe"))
         return turns
 
     def collate(self, seqs: list[list[int]], left: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -470,8 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video-from", type=float, default=0.25, help="full-stage progress at which videos join")
     ap.add_argument("--qpi", type=int, default=6, help="questions per image")
     ap.add_argument("--qpv", type=int, default=4, help="questions per clip")
-    ap.add_argument("--p-desc", type=float, default=0.5, help="probability of a description turn per image")
-    ap.add_argument("--p-vdesc", type=float, default=0.4, help="probability of a description turn per clip")
+    ap.add_argument("--p-desc", type=float, default=0.35, help="share of images with a description (alone)")
+    ap.add_argument("--p-vdesc", type=float, default=0.3, help="share of clips with a description (alone)")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--decay-from", type=float, default=0.6)
