@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
-from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans
 from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter
 from vtr.adapters.llava_next import LlavaNextAdapter
@@ -18,10 +18,10 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "Qwen2VLAdapter",
-    "SpliceAdapter",
     "VisionInfo",
     "VisualSpans",
     "adapter_for",
+    "family_options",
     "supported_classes",
 ]
 
@@ -32,6 +32,11 @@ ADAPTERS: list[type[Adapter]] = [
     Qwen2VLAdapter,
     InternVLAdapter,
 ]
+
+
+def family_options() -> tuple[str, ...]:
+    """Names of the family-only wrap options any adapter accepts (e.g. ``drop_newlines``)."""
+    return tuple(dict.fromkeys(o for a in ADAPTERS for o in a.options))
 
 
 def supported_classes() -> list[str]:

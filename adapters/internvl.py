@@ -22,14 +22,14 @@ import itertools
 from typing import ClassVar
 
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans
 
 from vtr.tokens import ImageLayout
 
 __all__ = ["InternVLAdapter"]
 
 
-class InternVLAdapter(SpliceAdapter):
+class InternVLAdapter(Adapter):
     """Layout per image: one ``(1, g, g)`` group per tile in model order (crops, then the thumbnail)."""
 
     name: ClassVar[str] = "InternVL"

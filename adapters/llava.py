@@ -6,14 +6,14 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans, tower_vision_info
 
 from vtr.tokens import ImageLayout
 
 __all__ = ["LlavaAdapter"]
 
 
-class LlavaAdapter(SpliceAdapter):
+class LlavaAdapter(Adapter):
     """Each ``<image>`` expands to ``grid * grid`` rows (CLS dropped by the ``default`` strategy).
 
     Spans are runs of the image token in ``input_ids``; adjacent images are split by the fixed

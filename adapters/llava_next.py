@@ -9,24 +9,20 @@ kwargs and from ``get_image_features`` (which ``generate`` calls before the firs
 Layout per image: groups ``(1, g, g)`` (base view) and ``(1, H', W')`` (tiles), then the ``H'``
 newline rows as extra rows of the tile group. With ``drop_newlines=False`` (default) newline rows are
 ordinary candidates of the image's budget; with ``drop_newlines=True`` they are removed from the LLM
-input before any operator runs and not counted. Set it with ``LlavaNextAdapter(model,
-drop_newlines=True)``, on a wrapped model with ``model.vtr.adapter.drop_newlines = True``, or through
-a recipe attribute ``drop_newlines`` (read at install time when present).
+input before any operator runs and not counted. It is a family option: ``vtr.wrap(model, recipe,
+drop_newlines=True)`` or ``options: {drop_newlines: true}`` in a YAML recipe; this adapter validates it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
+from vtr.adapters.base import Adapter, MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 
 from vtr.tokens import ImageLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from vtr.api import Reducer
 
 __all__ = ["LlavaNextAdapter", "SpanPart", "anyres_rows", "pack_parts"]
 
@@ -87,11 +83,12 @@ def pack_parts(parts: list[SpanPart], drop_newlines: bool, empty: Tensor) -> Vis
     return VisualSpans(seq_pos=seq_pos, layout=tuple(layout), drop=torch.cat(drop) if drop else None)
 
 
-class LlavaNextAdapter(SpliceAdapter):
+class LlavaNextAdapter(Adapter):
     """AnyRes images (base view + unpadded tiles + newline rows), several per prompt."""
 
     name: ClassVar[str] = "LLaVA-NeXT"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
+    options: ClassVar[tuple[str, ...]] = ("drop_newlines",)
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     metadata_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes",)
     #: The ``vision_feature_select_strategy`` the layout assumes (``"default"``: CLIP's CLS row dropped).
@@ -112,11 +109,11 @@ class LlavaNextAdapter(SpliceAdapter):
         self.pinpoints = cfg.image_grid_pinpoints
         self.drop_newlines = bool(drop_newlines)
 
-    def install(self, reducer: Reducer) -> None:
-        opt = getattr(reducer.recipe, "drop_newlines", None)
-        if opt is not None:
-            self.drop_newlines = bool(opt)
-        super().install(reducer)
+    def set_options(self, recipe) -> None:
+        value = recipe.options.get("drop_newlines", False)
+        if not isinstance(value, bool):
+            raise TypeError(f"drop_newlines must be True or False, got {value!r}")
+        super().set_options(recipe)
 
     @property
     def vision_info(self) -> VisionInfo:
@@ -141,7 +138,7 @@ class LlavaNextAdapter(SpliceAdapter):
         return SpanPart(grid_rows=grid_rows, newline_rows=newline_rows, grids=grids)
 
     def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
-        sizes = self._metadata.get("image_sizes")
+        sizes = self.metadata.get("image_sizes")
         if sizes is None:
             raise ValueError(
                 f"the {self.name} adapter needs `image_sizes` (from the processor) to lay out AnyRes tiles; "

@@ -24,14 +24,14 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, SpliceAdapter, SpliceState, VisionInfo, VisualSpans
+from vtr.adapters.base import Adapter, MetadataMismatch, SpliceState, VisionInfo, VisualSpans
 
 from vtr.tokens import ImageLayout
 
 __all__ = ["Qwen2VLAdapter"]
 
 
-class Qwen2VLAdapter(SpliceAdapter):
+class Qwen2VLAdapter(Adapter):
     """Adapter for Qwen2-VL and Qwen2.5-VL: images and videos, several per prompt, M-RoPE positions.
 
     Layout per image: one group ``(1, h/2, w/2)`` in merge units; per video: ``t`` groups (one per
@@ -78,7 +78,7 @@ class Qwen2VLAdapter(SpliceAdapter):
 
     # ------------------------------------------------------------------ spans
     def _grids(self, name: str, needed: int) -> list[tuple[int, int, int]]:
-        grid = self._metadata.get(name)
+        grid = self.metadata.get(name)
         if needed == 0:
             return []
         if grid is None:

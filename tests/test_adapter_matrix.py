@@ -240,7 +240,7 @@ def test_budget_and_positions(family: str, case: str, op: str) -> None:
             model.generate(**inputs, **GEN)
         adapter = model.vtr.adapter
         report = model.vtr.report
-        spans, kept_rows = adapter.last_spans, adapter.last_kept_rows
+        spans, kept_rows = adapter.last.spans, adapter.last.kept_rows
     finally:
         vtr.unwrap(model)
     bsz = inputs["input_ids"].shape[0]
@@ -364,7 +364,7 @@ def test_video_frame_scope(family: str) -> None:
     try:
         with torch.no_grad():
             model(**inputs)
-        spans = model.vtr.adapter.last_spans[0]
+        spans = model.vtr.adapter.last.spans[0]
         report = model.vtr.report
     finally:
         vtr.unwrap(model)

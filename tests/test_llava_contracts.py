@@ -272,7 +272,7 @@ def test_labels_are_mapped_onto_the_reduced_sequence(llava, make_inputs):
             same = model(**inputs, labels=labels).loss
         with vtr.reduced(model, "divprune", keep=0.25):
             out = model(**inputs, labels=labels)
-            kept = model.vtr.adapter.last_kept_rows
+            kept = model.vtr.adapter.last.kept_rows
     torch.testing.assert_close(same, ref, atol=1e-6, rtol=0)
     # By hand: gather the labels of the kept rows, left-pad like the splice, shifted cross-entropy.
     new_len = out.logits.shape[1]

@@ -11,7 +11,16 @@ from torch import Tensor
 
 from vtr.tokens import SCOPES, VisualTokens
 
-__all__ = ["STAGES", "BudgetOperator", "OpContext", "Operator", "resolve_keep", "validate_keep"]
+__all__ = [
+    "STAGES",
+    "BudgetOperator",
+    "LayerOperator",
+    "OpContext",
+    "Operator",
+    "resolve_keep",
+    "resolve_layer",
+    "validate_keep",
+]
 
 #: Stages in execution order (see DESIGN §2).
 STAGES = ("vision", "pre_llm", "prefill", "decode")
@@ -74,6 +83,8 @@ class Operator:
 
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
+    #: The operator reads ``OpContext.query`` (the prompt text): ``wrap`` then needs a tokenizer.
+    needs_query: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +95,14 @@ class Operator:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        """Named signals the adapter must capture (``kind@layer``); ``n_layers`` resolves negative layers."""
+        return self.signals
+
+    def bind(self, adapter) -> Operator:
+        """The operator to run on ``adapter``'s model (e.g. the family's placement); raise if it cannot act."""
+        return self
 
     def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:  # pragma: no cover
         raise NotImplementedError
@@ -134,3 +153,26 @@ class BudgetOperator(Operator):
     def select(self, unit: VisualTokens, k: int, ctx: OpContext) -> Tensor:  # pragma: no cover
         """Ascending positions (into ``unit``) of the ``k`` tokens to keep."""
         raise NotImplementedError
+
+
+@dataclass
+class LayerOperator(Operator):
+    """An operator acting between decoder layers (``prefill`` stage), before :meth:`layer_index`.
+
+    ``apply`` gets the sample's visual tokens as that layer would see them (``embeds`` = the hidden
+    states entering the layer, ``scores`` = the signals it declared) and returns a subset of them.
+    """
+
+    stage: ClassVar[str] = "prefill"
+
+    def layer_index(self, n_layers: int) -> int:  # pragma: no cover - abstract
+        """The decoder layer before which the operator acts, for a decoder of ``n_layers`` layers."""
+        raise NotImplementedError
+
+
+def resolve_layer(name: str, layer: int, n_layers: int) -> int:
+    """``layer`` (negative counts from the end) as an index into ``n_layers``; raises naming both when outside."""
+    i = layer + n_layers if layer < 0 else layer
+    if not 0 <= i < n_layers:
+        raise ValueError(f"{name}: layer {layer} is outside the language model's layers 0..{n_layers - 1}")
+    return i
