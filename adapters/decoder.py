@@ -34,7 +34,7 @@ __all__ = ["DecoderFacts", "DecoderHooks", "additive_mask", "parse_signal"]
 
 def parse_signal(name: str) -> tuple[str, int]:
     """``"text_attn@2"`` -> ``("text_attn", 2)``; raises naming the signal when it is malformed."""
-    kind, sep, layer = name.partition("@")
+    kind, _, layer = name.partition("@")
     try:
         return kind, int(layer)
     except ValueError:
@@ -243,7 +243,6 @@ class DecoderHooks:
         state = pf.state
         if pf.kwargs is not None:
             kwargs = {**kwargs, **pf.kwargs}
-        reducer = self.adapter.reducer
         new_rows: list[Tensor] = []
         for b in range(hidden.shape[0]):
             rows, vis = pf.sample_rows(b)
@@ -274,7 +273,6 @@ class DecoderHooks:
         past = int(cache.get_seq_length(i)) if cache is not None else lay.length
         q = hidden.shape[1]
         grown = past - lay.length
-        mask2d = kwargs.get("attention_mask")
         # Columns added since the prompt: from the model's 2-D mask when we can see it, else all valid.
         bsz = hidden.shape[0]
         # Columns added since the prompt: validity from the (rebased) 2-D mask of this call, when given.
