@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from torch import nn
+
 from vtr.adapters.base import Adapter, VisionInfo, VisualSpans
 from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter

@@ -30,7 +30,6 @@ from vtr.tokens import ImageLayout
 if TYPE_CHECKING:  # pragma: no cover
     from vtr.adapters.decoder import DecoderFacts
     from vtr.adapters.vision import TowerFacts
-
     from vtr.api import Reducer
     from vtr.recipes import Recipe
 
@@ -180,6 +179,8 @@ class Adapter:
         self.metadata: dict[str, Any] = {}
         self.hooks: list[Any] = []  # installed hook sets (see vtr.adapters.*), removed by remove()
         self.reducer: Reducer | None = None
+        #: The feature method encoding right now (``"get_image_features"``, ``"get_video_features"``), if any.
+        self.encoding: str | None = None
 
     # ------------------------------------------------------------------ selection
     @classmethod
@@ -198,6 +199,12 @@ class Adapter:
     def tower(self) -> TowerFacts | None:
         """How to run vision-stage operators in this family's encoder, or ``None`` when it cannot host them."""
         return None
+
+    def tower_rows(self, spans: list[VisualSpans], results: list[Any]) -> list[tuple[Tensor, Tensor, Tensor]]:
+        """Per sample, for every visual row (layout order): ``(result, sequence, unit)`` of the encoder unit
+        it comes from, ``-1`` for rows that come from no unit (newlines). ``results`` are the vision-stage
+        results of this call in encoding order (``TowerResult.kind`` tells images from videos)."""
+        raise NotImplementedError(f"the {self.name} adapter does not map encoder units to LLM rows")
 
     def decoder(self) -> DecoderFacts:
         """The language model's decoder layers and attention (standard Llama/Qwen2-style decoders)."""

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.state import CallState, LayerState
 
+from vtr.adapters.state import CallState, LayerState
 from vtr.ops.base import OpContext
 
 if TYPE_CHECKING:  # pragma: no cover

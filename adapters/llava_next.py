@@ -20,8 +20,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import Adapter, MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 
+from vtr.adapters.base import Adapter, MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 from vtr.tokens import ImageLayout
 
 __all__ = ["LlavaNextAdapter", "SpanPart", "anyres_rows", "pack_parts"]

@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
 from vtr.adapters.base import MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 from vtr.adapters.llava_next import LlavaNextAdapter, SpanPart, pack_parts
 

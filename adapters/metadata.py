@@ -82,13 +82,24 @@ class MetadataHooks:
         base = self.adapter.base_model()
         self.handles.append(base.register_forward_pre_hook(self._base_hook, with_kwargs=True))
         for name in self.adapter.feature_methods:
-            self.handles.append(InstanceWrapper(base, name, self.adapter.on_metadata))
+            self.handles.append(InstanceWrapper(base, name, self.adapter.on_metadata, around=self._feature(name)))
 
     def remove(self) -> None:
         for h in reversed(self.handles):
             h.remove()
         self.handles.clear()
         self.input_ids = None
+
+    def _feature(self, name: str):
+        def around(original, *args, **kwargs):
+            # Vision-stage results are tagged with the method that encoded them (images or videos).
+            previous, self.adapter.encoding = self.adapter.encoding, name
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.adapter.encoding = previous
+
+        return around
 
     def _base_hook(self, module, args, kwargs):
         self.input_ids = kwargs.get("input_ids", args[0] if args else None)

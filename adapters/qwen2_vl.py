@@ -24,8 +24,10 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import Adapter, MetadataMismatch, SpliceState, VisionInfo, VisualSpans
 
+from vtr.adapters.base import Adapter, MetadataMismatch, SpliceState, VisionInfo, VisualSpans
+from vtr.adapters.towers import qwen_vit_parts, unit_grid_2x2
+from vtr.adapters.vision import TowerFacts, image_rows
 from vtr.tokens import ImageLayout
 
 __all__ = ["Qwen2VLAdapter"]
@@ -75,6 +77,40 @@ class Qwen2VLAdapter(Adapter):
             full_attention_blocks=tuple(int(i) for i in vc.fullatt_block_indexes) if window else (),
             unit_order="merge_blocks",
         )
+
+    def tower(self) -> TowerFacts:
+        info = self.vision_info
+        visual = self.model.model.visual
+
+        def sequences(args: tuple, kwargs: dict) -> list[tuple[int, int]]:
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            return [(int(h), int(w)) for t, h, w in torch.as_tensor(grid).tolist() for _ in range(int(t))]
+
+        window = "window attention (Qwen2.5-VL): recomputing windows over the remaining units is not supported yet"
+        return TowerFacts(
+            info=info,
+            encoder=visual,
+            blocks=visual.blocks,
+            parts=qwen_vit_parts,
+            prefix=0,
+            sequences=sequences,
+            unit_patches=unit_grid_2x2,
+            packed=True,
+            merger=visual.merger,
+            refuse=window if info.attention == "window+full" else None,
+        )
+
+    def tower_rows(self, spans, results):
+        def seqs(im):
+            (_, hh, ww) = im.grids[0]
+            return [(hh * ww, len(im.grids))]
+
+        images = image_rows(spans, results, "image", seqs)
+        videos = image_rows(spans, results, "video", seqs)
+        return [
+            (torch.where(ri >= 0, ri, rv), torch.where(ri >= 0, si, sv), torch.where(ri >= 0, ui, uv))
+            for (ri, si, ui), (rv, sv, uv) in zip(images, videos, strict=True)
+        ]
 
     # ------------------------------------------------------------------ spans
     def _grids(self, name: str, needed: int) -> list[tuple[int, int, int]]:

@@ -22,9 +22,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
+
 from vtr.adapters.base import SpliceState
 from vtr.adapters.state import CallState
-
 from vtr.ops.base import OpContext
 from vtr.report import Report
 from vtr.tokens import VisualTokens

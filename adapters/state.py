@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
-from vtr.adapters.base import SpliceState, VisualSpans
 
+from vtr.adapters.base import SpliceState, VisualSpans
 from vtr.report import Report
 from vtr.tokens import VisualTokens
 

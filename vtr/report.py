@@ -78,6 +78,12 @@ class Report:
             images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept, groups))
         self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 
+    def add_counts(
+        self, *, sample: int, stage: str, operator: str, tokens_in: int, tokens_out: int, seconds: float
+    ) -> None:
+        """Record an operator by its counts only (an intermediate vision-stage step: no per-image detail)."""
+        self.records.append(StageRecord(sample, stage, operator, tokens_in, tokens_out, seconds))
+
     def tokens_out(self, sample: int = 0) -> int:
         """Visual tokens of ``sample`` at the LLM input (after the ``vision`` and ``pre_llm`` stages)."""
         recs = [r for r in self.records if r.sample == sample and r.stage in ("vision", "pre_llm")]

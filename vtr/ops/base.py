@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtr.tokens import SCOPES, VisualTokens
+from vtr.tokens import SCOPES, TowerTokens, VisualTokens
 
 __all__ = [
     "STAGES",
@@ -17,6 +17,7 @@ __all__ = [
     "LayerOperator",
     "OpContext",
     "Operator",
+    "VisionOperator",
     "resolve_keep",
     "resolve_layer",
     "validate_keep",
@@ -176,3 +177,31 @@ def resolve_layer(name: str, layer: int, n_layers: int) -> int:
     if not 0 <= i < n_layers:
         raise ValueError(f"{name}: layer {layer} is outside the language model's layers 0..{n_layers - 1}")
     return i
+
+
+@dataclass
+class VisionOperator(Operator):
+    """An operator acting inside the vision encoder (``vision`` stage) on :class:`~vtr.tokens.TowerTokens`.
+
+    The adapter calls :meth:`apply_tower` at every ``(block, point)`` of :meth:`points`: ``"mid"`` is after
+    the block's attention residual and before its MLP (ToMe, ATS: the MLP already runs on fewer tokens),
+    ``"post"`` after the block (MustDrop's window merge). Signals declared with :meth:`required_signals`
+    (``cls_attn@L``, ``mean_received@L``, ``value_norm@L``) are in ``tokens.scores`` from block ``L`` on.
+    """
+
+    stage: ClassVar[str] = "vision"
+    #: ``tokens.keys`` (the block's keys averaged over heads) is needed at mid-block points.
+    needs_keys: ClassVar[bool] = False
+    #: Token units this operator supports (``"patch"``, ``"merge2x2"``, ``"pixel_shuffle2x2"``).
+    units: ClassVar[tuple[str, ...]] = ("patch", "merge2x2", "pixel_shuffle2x2")
+
+    def points(self, info) -> list[tuple[int, str]]:  # pragma: no cover - abstract
+        """``(block, "mid" | "post")`` pairs where the operator acts, for an encoder described by ``info``
+        (a :class:`vtr.adapters.base.VisionInfo`)."""
+        raise NotImplementedError
+
+    def apply_tower(self, tokens: TowerTokens, ctx: OpContext) -> TowerTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        raise TypeError(f"{self.name} acts inside the vision encoder: use it through vtr.wrap, not on VisualTokens")
