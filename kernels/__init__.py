@@ -2,8 +2,10 @@
 
 Every function takes ``backend="auto" | "triton" | "torch"``. ``"auto"`` runs Triton on CUDA tensors and
 torch elsewhere; ``"triton"`` on CPU tensors requires ``TRITON_INTERPRET=1`` (the Triton CPU interpreter).
-All similarity work is fp32 (fp16/bf16 inputs are upcast, dot products accumulate in fp32 without TF32), so
-the Triton kernels pick the same indices as the torch fallbacks.
+The cosine and max-min kernels work in fp32 (fp16/bf16 inputs are upcast, dot products accumulate in fp32
+without TF32); the best-match kernel follows ToMe's official dtype semantics (unit rows and similarities in the
+input dtype, fp32 accumulation, no norm floor). Either way the Triton kernels pick the same indices as the
+torch fallbacks, up to the summation order of the dot products.
 
 * :func:`cosine_similarity`: pairwise cosine similarity of one or two token sets.
 * :func:`bipartite_best_match`: best match (max cosine, first argmax) of each row of ``a`` in ``b`` (ToMe).
@@ -65,28 +67,41 @@ def bipartite_best_match(
     a_mask: Tensor | None = None,
     b_mask: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """For each row of ``a`` the max cosine similarity over rows of ``b`` and its first argmax.
+    """For each row of ``a`` the max cosine similarity over rows of ``b`` and its first argmax (ToMe).
 
-    The ``Na x Nb`` matrix is never materialised by the Triton kernel. Masked entries count as ``-inf``:
-    ToMe's ``class_token`` is ``a_mask[..., 0] = False`` and ``distill_token`` is ``b_mask[..., 0] = False``.
+    Dtype semantics are those of the official ToMe ``bipartite_soft_matching`` (spec ``tome.md`` section 3):
+    rows are normalised in the input dtype without a norm floor (``x / ||x||``; a zero row gives NaN) and every
+    similarity is a value of the input dtype (fp32 accumulation, then rounded, as torch's matmul does), so the
+    torch path is bit-identical to the official operations. The ``Na x Nb`` matrix is never materialised by the
+    Triton kernel, whose dot products differ from torch's only in summation order.
+
+    Masked entries count as ``-inf``: ToMe's ``class_token`` is ``a_mask[..., 0] = False`` and
+    ``distill_token`` is ``b_mask[..., 0] = False``.
 
     Args:
-        a: ``[Na, D]`` or ``[B, Na, D]``; b: ``[Nb, D]`` or ``[B, Nb, D]`` (same rank, batch and ``D``).
+        a: ``[Na, D]`` or ``[B, Na, D]``; b: ``[Nb, D]`` or ``[B, Nb, D]`` (same rank, batch, ``D`` and dtype;
+            fp16/bf16/fp32, or fp64 with the torch backend).
         backend: ``"auto"``, ``"triton"`` or ``"torch"``.
         a_mask: bool ``[Na]`` or ``[B, Na]``; ``False`` rows get value ``-inf`` and index 0.
         b_mask: bool ``[Nb]`` or ``[B, Nb]``; ``False`` columns are never matched (unless all are masked,
             then the row gets ``-inf`` and index 0).
 
     Returns:
-        ``values`` fp32 and ``indices`` int64, both ``[Na]`` or ``[B, Na]``.
+        ``values`` in the input dtype and ``indices`` int64, both ``[Na]`` or ``[B, Na]``. Ties go to the lowest
+        index; as in ``torch.max``, a row with a NaN similarity gets NaN and the index of its first NaN.
     """
-    _check_tokens("a", a)
-    _check_tokens("b", b)
+    _check_tokens("a", a, (*_FLOATS, torch.float64))
+    _check_tokens("b", b, (*_FLOATS, torch.float64))
     _check_pair(a, b)
+    if a.dtype != b.dtype:
+        raise TypeError(f"a and b must have the same dtype, got {a.dtype} and {b.dtype}")
     am = _check_mask("a_mask", a_mask, a)
     bm = _check_mask("b_mask", b_mask, b)
     a3, b3 = _batched(a), _batched(b)
-    if resolve_backend(backend, a, b) == "torch":
+    use = resolve_backend(backend, a, b)
+    if use == "triton" and a.dtype not in _FLOATS:
+        raise TypeError(f"backend 'triton' needs float16, bfloat16 or float32 inputs, got {a.dtype}")
+    if use == "torch":
         values, indices = bipartite_best_match_torch(a3, b3, am, bm)
     else:
         values, indices = load_triton().bipartite_best_match(a3, b3, am, bm)
@@ -128,11 +143,12 @@ def validate_maxmin(x: Tensor, k: int) -> None:
         raise ValueError(f"k must be >= 1, got {k}")
 
 
-def _check_tokens(name: str, t: Tensor) -> None:
+def _check_tokens(name: str, t: Tensor, dtypes: tuple[torch.dtype, ...] = _FLOATS) -> None:
     if not isinstance(t, Tensor) or t.ndim not in (2, 3):
         raise ValueError(f"{name} must be a tensor [N, D] or [B, N, D], got {getattr(t, 'shape', type(t))}")
-    if t.dtype not in _FLOATS:
-        raise TypeError(f"{name} must be float16, bfloat16 or float32, got {t.dtype}")
+    if t.dtype not in dtypes:
+        names = [str(d).removeprefix("torch.") for d in dtypes]
+        raise TypeError(f"{name} must be {', '.join(names[:-1])} or {names[-1]}, got {t.dtype}")
 
 
 def _check_pair(a: Tensor, b: Tensor) -> None:

@@ -22,6 +22,7 @@ __all__ = [
     "maxmin_prepare_torch",
     "maxmin_select_torch",
     "normalise",
+    "unit_rows",
 ]
 
 #: Norm floor: ``u = x / max(||x||, EPS)`` (a zero row becomes the zero vector).
@@ -53,22 +54,34 @@ def cosine_similarity_torch(a: Tensor, b: Tensor | None = None) -> Tensor:
     return ua @ ub.transpose(-1, -2)
 
 
+def unit_rows(x: Tensor) -> Tensor:
+    """``x / ||x||`` along the last dim in the INPUT dtype, without a norm floor: ``[..., D] -> [..., D]``.
+
+    This is ToMe's official normalisation (a zero row becomes NaN, as there); :func:`normalise` is the fp32,
+    floored one used by the cosine and max-min kernels.
+    """
+    return x / x.norm(dim=-1, keepdim=True)
+
+
 def bipartite_best_match_torch(
     a: Tensor, b: Tensor, a_mask: Tensor | None = None, b_mask: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
-    """Best match in ``b`` for each row of ``a`` by cosine similarity.
+    """Best match in ``b`` for each row of ``a`` by cosine similarity, in the input dtype (ToMe semantics).
+
+    Exactly the official ToMe operations: :func:`unit_rows` on both sides, ``ua @ ub^T`` in the input dtype
+    (no promotion), masked entries set to ``-inf``, then ``max`` over the last dim.
 
     Args:
-        a: ``[B, Na, D]``; b: ``[B, Nb, D]``.
+        a: ``[B, Na, D]``; b: ``[B, Nb, D]`` (same dtype).
         a_mask: ``[B, Na]`` bool, ``False`` rows get value ``-inf`` and index 0 (e.g. ToMe's class token).
         b_mask: ``[B, Nb]`` bool, ``False`` columns are never matched unless every column is masked
             (e.g. ToMe's distill token).
 
     Returns:
-        ``values [B, Na]`` fp32 and ``indices [B, Na]`` int64 (first maximum on ties), i.e. ``max`` of the
-        similarity matrix with masked entries at ``-inf``.
+        ``values [B, Na]`` in the input dtype and ``indices [B, Na]`` int64: the first maximum on ties;
+        like ``torch.max``, a row containing NaN (a zero vector) gets NaN and the index of its first NaN.
     """
-    scores = cosine_similarity_torch(a, b)
+    scores = unit_rows(a) @ unit_rows(b).transpose(-1, -2)
     if b_mask is not None:
         scores = scores.masked_fill(~b_mask[:, None, :], float("-inf"))
     if a_mask is not None:

@@ -2,9 +2,11 @@
 
 Imported lazily by :mod:`vtr.kernels.dispatch` (Triton reads ``TRITON_INTERPRET`` at decoration time).
 All dot products are fp32 with ``input_precision="ieee"``: TF32 perturbs similarities by ~1e-3 relative,
-enough to flip greedy and argmax picks (notes/transformers-5.md, "Exactness of kernels"). The max-min and
-best-match kernels run on unit vectors produced by the same torch ``normalise`` as the fallback, so the only
-difference to the fallback is the summation order of the dot products.
+enough to flip greedy and argmax picks (notes/transformers-5.md, "Exactness of kernels"). The max-min kernel
+runs on unit vectors produced by the same torch ``normalise`` as its fallback; the best-match kernel (ToMe)
+on the same ``unit_rows`` (input dtype, no norm floor) as its fallback, rounding each fp32 similarity to the
+input dtype as torch's matmul does. The only difference to the fallbacks is the summation order of the dot
+products.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from vtr.kernels.dispatch import interpreter_enabled
-from vtr.kernels.torch_impl import EPS, normalise
+from vtr.kernels.torch_impl import EPS, normalise, unit_rows
 
 __all__ = [
     "INTERPRETED",
@@ -39,6 +41,8 @@ _USE_DOT = not INTERPRETED
 _BM, _BN, _BK = 32, 32, 32  # tile sizes of the similarity kernels (tl.dot needs >= 16)
 _GREEDY_BLOCK = 1024  # columns per iteration of the single-program greedy kernel
 _GREEDY_BK = 32
+#: Rounding of the best-match similarities to the input dtype (torch's matmul output dtype).
+_ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 
 
 @triton.jit
@@ -89,14 +93,14 @@ def _cosine_kernel(
 @triton.jit
 def _dot_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, D, s_x, s_y, BM: tl.constexpr, BN: tl.constexpr,
               BK: tl.constexpr, USE_DOT: tl.constexpr):  # fmt: skip
-    """[BM, BN] fp32 tile of x[rows] @ y[cols]^T for row-major fp32 x, y (row strides s_x, s_y)."""
+    """[BM, BN] fp32 tile of x[rows] @ y[cols]^T for row-major x, y of one float dtype (row strides s_x, s_y)."""
     acc = tl.zeros((BM, BN), dtype=tl.float32)
     for k0 in range(0, D, BK):
         ks = k0 + tl.arange(0, BK)
         xt = tl.load(x_ptr + rows[:, None].to(tl.int64) * s_x + ks[None, :],
-                     mask=(rows[:, None] < n_rows) & (ks[None, :] < D), other=0.0)  # fmt: skip
+                     mask=(rows[:, None] < n_rows) & (ks[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
         yt = tl.load(y_ptr + cols[:, None].to(tl.int64) * s_y + ks[None, :],
-                     mask=(cols[:, None] < n_cols) & (ks[None, :] < D), other=0.0)  # fmt: skip
+                     mask=(cols[:, None] < n_cols) & (ks[None, :] < D), other=0.0).to(tl.float32)  # fmt: skip
         acc = _mm(xt, yt, acc, USE_DOT)
     return acc
 
@@ -105,30 +109,51 @@ def _dot_tile(x_ptr, y_ptr, rows, cols, n_rows, n_cols, D, s_x, s_y, BM: tl.cons
 def _best_match_kernel(
     ua_ptr, ub_ptr, am_ptr, bm_ptr, val_ptr, idx_ptr, Na, Nb, D,
     s_ab, s_am, s_bb, s_bn,
-    HAS_AMASK: tl.constexpr, HAS_BMASK: tl.constexpr,
+    HAS_AMASK: tl.constexpr, HAS_BMASK: tl.constexpr, ROUND: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, USE_DOT: tl.constexpr,
 ):  # fmt: skip
-    """Row max / first argmax of ua[b] @ ub[b]^T for BM rows, streaming over column tiles."""
+    """Row max / first argmax of ua[b] @ ub[b]^T for BM rows, streaming over column tiles.
+
+    ROUND: 0 keeps the fp32 products; 1 / 2 round each similarity to fp16 / bf16 (the input dtype) before
+    comparing, as torch's matmul does. NaN (a zero input row) behaves as in ``torch.max``: it wins, and the
+    index is the first NaN column.
+    """
     pid_m, pid_b = tl.program_id(0), tl.program_id(1)
     rows = pid_m * BM + tl.arange(0, BM)
     ua = ua_ptr + pid_b.to(tl.int64) * s_ab
     ub = ub_ptr + pid_b.to(tl.int64) * s_bb
     best = tl.full((BM,), float("-inf"), tl.float32)
     best_idx = tl.zeros((BM,), dtype=tl.int32)
+    best_nan = tl.zeros((BM,), dtype=tl.int1)
     for n0 in range(0, Nb, BN):
         cols = n0 + tl.arange(0, BN)
         s = _dot_tile(ua, ub, rows, cols, Na, Nb, D, s_am, s_bn, BM, BN, BK, USE_DOT)
+        if ROUND == 1:
+            s = s.to(tl.float16).to(tl.float32)
+        if ROUND == 2:
+            # Round to nearest even by bit arithmetic: the interpreter's bf16 cast truncates, so a cast would
+            # not be exact there. Finite values only; NaN (handled below) is kept as it is.
+            u = s.to(tl.uint32, bitcast=True)
+            u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16) << 16
+            s = tl.where(s == s, u.to(tl.float32, bitcast=True), s)
         ok = cols < Nb
         if HAS_BMASK:
             ok = ok & (tl.load(bm_ptr + pid_b * Nb + cols, mask=cols < Nb, other=0) != 0)
         s = tl.where(ok[None, :], s, float("-inf"))
+        is_nan = s != s
+        nan_idx = tl.min(tl.where(is_nan, cols[None, :], 2147483647), axis=1)
+        s = tl.where(is_nan, float("-inf"), s)
         t_max = tl.max(s, axis=1)
         # First column reaching the tile max: ties go to the lowest index.
         t_idx = tl.min(tl.where(s == t_max[:, None], cols[None, :], 2147483647), axis=1)
-        # Strict '>' keeps the earlier tile on ties across tiles.
-        better = t_max > best
-        best_idx = tl.where(better, t_idx, best_idx)
+        # Strict '>' keeps the earlier tile on ties across tiles; the first NaN seen sticks.
+        tile_nan = nan_idx < 2147483647
+        take_nan = tile_nan & (~best_nan)
+        better = (t_max > best) & (~best_nan) & (~tile_nan)
+        best_idx = tl.where(take_nan, nan_idx, tl.where(better, t_idx, best_idx))
         best = tl.where(better, t_max, best)
+        best_nan = best_nan | tile_nan
+    best = tl.where(best_nan, float("nan"), best)
     if HAS_AMASK:
         keep = tl.load(am_ptr + pid_b * Na + rows, mask=rows < Na, other=0) != 0
         best = tl.where(keep, best, float("-inf"))
@@ -224,8 +249,10 @@ def cosine_similarity(a: Tensor, b: Tensor) -> Tensor:
 
 
 def bipartite_best_match(a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``[B, Na, D] x [B, Nb, D] -> (values [B, Na] fp32, indices [B, Na] int64)``, no Na x Nb matrix."""
-    ua, ub = normalise(a).contiguous(), normalise(b).contiguous()
+    """``[B, Na, D] x [B, Nb, D] -> (values [B, Na] in the input dtype, indices [B, Na] int64)``, no Na x Nb
+    matrix. Same semantics as :func:`vtr.kernels.torch_impl.bipartite_best_match_torch`: unit rows in the input
+    dtype without a norm floor, fp32 accumulation, each similarity rounded to the input dtype."""
+    ua, ub = unit_rows(a).contiguous(), unit_rows(b).contiguous()
     bsz, na, d = ua.shape
     nb = ub.shape[1]
     values = torch.empty(bsz, na, device=a.device, dtype=torch.float32)
@@ -234,9 +261,11 @@ def bipartite_best_match(a: Tensor, b: Tensor, a_mask: Tensor | None, b_mask: Te
     bm = b_mask.to(torch.int8).contiguous() if b_mask is not None else values
     _best_match_kernel[(triton.cdiv(na, _BM), bsz)](
         ua, ub, am, bm, values, indices, na, nb, d, ua.stride(0), ua.stride(1), ub.stride(0), ub.stride(1),
-        HAS_AMASK=a_mask is not None, HAS_BMASK=b_mask is not None, BM=_BM, BN=_BN, BK=_BK, USE_DOT=_USE_DOT,
+        HAS_AMASK=a_mask is not None, HAS_BMASK=b_mask is not None, ROUND=_ROUND[a.dtype],
+        BM=_BM, BN=_BN, BK=_BK, USE_DOT=_USE_DOT,
     )  # fmt: skip
-    return values, indices.long()
+    # Exact: the values were already rounded to the input dtype inside the kernel.
+    return values.to(a.dtype), indices.long()
 
 
 def maxmin_select(x: Tensor, k: int) -> Tensor:

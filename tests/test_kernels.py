@@ -26,9 +26,11 @@ from vtr.kernels.torch_impl import (
     bipartite_best_match_torch,
     cosine_similarity_torch,
     maxmin_select_torch,
+    unit_rows,
 )
 
 from vtr.ops.divprune import DivPrune, divprune_select
+from vtr.ops.tome import bipartite_soft_matching, merge_representative, merge_to, merge_wavg
 from vtr.tokens import ImageLayout, VisualTokens
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -159,9 +161,39 @@ def test_interp_best_match_matches_fallback(interpret, dtype, na, nb, d, batch):
     v1, i1 = K.bipartite_best_match(a, b, backend="triton")
     v2, i2 = K.bipartite_best_match(a, b, backend="torch")
     assert torch.equal(i1, i2) and i1.dtype == torch.long
-    torch.testing.assert_close(v1, v2, atol=2e-6, rtol=1e-5)
+    assert v1.dtype == v2.dtype == dtype  # similarities are values of the input dtype (ToMe semantics)
+    if dtype == torch.float32:
+        torch.testing.assert_close(v1, v2, atol=2e-6, rtol=1e-5)  # fp32 sums in another order
+    else:
+        assert torch.equal(v1, v2)  # both round the fp32 sum to the input dtype (round to nearest even)
     if nb > 3:
         assert not torch.any(i1 == nb - 1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_interp_best_match_zero_rows_are_nan_like_torch_max(interpret, dtype):
+    # No norm floor (official ToMe): a zero row is NaN; torch.max makes NaN win at its first column.
+    a, b = rand(1, 40, 8, seed=17, dtype=dtype), rand(1, 40, 8, seed=18, dtype=dtype)
+    a[0, 3] = 0
+    b[0, 35] = 0
+    b[0, 36] = 0
+    a_mask = torch.ones(1, 40, dtype=torch.bool)
+    a_mask[0, 5] = False  # a masked row is -inf / 0 even when it contains NaN
+    v1, i1 = K.bipartite_best_match(a, b, backend="triton", a_mask=a_mask)
+    v2, i2 = K.bipartite_best_match(a, b, backend="torch", a_mask=a_mask)
+    assert torch.equal(i1, i2)
+    assert torch.equal(v1.isnan(), v2.isnan()) and torch.equal(v1[~v1.isnan()], v2[~v2.isnan()])
+    assert bool(v1[0, :5].isnan().all()) and i1[0, :5].tolist() == [35, 35, 35, 0, 35]
+    assert v1[0, 5] == float("-inf") and int(i1[0, 5]) == 0
+
+
+def test_interp_bf16_rounding_is_round_to_nearest_even(interpret):
+    # The interpreter's own bf16 cast truncates; the kernel rounds by bit arithmetic like torch's matmul.
+    a, b = rand(3, 64, 24, seed=19, dtype=torch.bfloat16), rand(3, 48, 24, seed=20, dtype=torch.bfloat16)
+    values, _ = K.bipartite_best_match(a, b, backend="triton")
+    ua, ub = unit_rows(a).float(), unit_rows(b).float()
+    want = (ua @ ub.transpose(-1, -2)).to(torch.bfloat16).max(dim=-1).values
+    assert torch.equal(values, want)
 
 
 def test_interp_best_match_masks_class_and_distill(interpret):
@@ -178,6 +210,23 @@ def test_interp_best_match_masks_class_and_distill(interpret):
     assert torch.all(v1[:, 0] == float("-inf")) and torch.all(i1[:, 0] == 0)
     assert torch.all(i1[0, 1:] != 0)  # column 0 is masked for the sample that has other columns
     assert torch.all(v1[1] == float("-inf")) and torch.all(i1[1] == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("cls", "dist"), [(False, False), (True, False), (True, True)])
+def test_interp_tome_core_triton_backend(interpret, dtype, cls, dist):
+    # vtr.ops.tome on the fused kernel equals its default torch path (same semantics, same rounding).
+    metric, x = rand(2, 77, 24, seed=21, dtype=dtype), rand(2, 77, 6, seed=22, dtype=dtype)
+    outs = []
+    for backend in ("triton", "torch"):
+        merge, unmerge = bipartite_soft_matching(metric, 20, cls, dist, backend=backend)
+        merged, size = merge_wavg(merge, x)
+        outs.append((merged, size, unmerge(merged), merge_representative(merge, torch.arange(77).expand(2, 77))))
+    for got, want in zip(*outs, strict=True):
+        assert torch.equal(got, want)
+    got = merge_to(metric[0], 9, backend="triton")
+    for a, b in zip(got, merge_to(metric[0], 9, backend="torch"), strict=True):
+        assert torch.equal(a, b)
 
 
 CASES = [  # (M, D, ks): non-powers of two, M < tile size, K = 1, K = M - 1, K = M, K > M
@@ -331,13 +380,16 @@ def test_cosine_fallback_matches_dense_reference(dtype):
 def test_best_match_fallback_matches_dense_reference(na, nb, d, seed, mask_col0):
     a = torch.randint(-3, 4, (na, d), generator=torch.Generator().manual_seed(seed)).float()
     b = torch.randint(-3, 4, (nb, d), generator=torch.Generator().manual_seed(seed + 1)).float()
+    # No zero rows here (those are NaN, tested separately).
+    a = torch.where(a.abs().sum(dim=1, keepdim=True) == 0, torch.ones_like(a), a)
+    b = torch.where(b.abs().sum(dim=1, keepdim=True) == 0, torch.ones_like(b), b)
     b_mask = torch.ones(nb, dtype=torch.bool)
     b_mask[0] = not mask_col0
     values, indices = K.bipartite_best_match(a, b, b_mask=b_mask)
     # The fallback batches 2-D inputs; the same batched product gives the same fp32 numbers (exact ties).
-    sim = cosine_similarity_torch(a[None], b[None])[0]
+    sim = unit_rows(a[None]) @ unit_rows(b[None]).transpose(-1, -2)
     for i in range(na):
-        row = [float(sim[i, j]) if b_mask[j] else float("-inf") for j in range(nb)]
+        row = [float(sim[0, i, j]) if b_mask[j] else float("-inf") for j in range(nb)]
         best = max(row)
         assert float(values[i]) == best
         assert int(indices[i]) == row.index(best)  # first maximum
@@ -382,8 +434,17 @@ def test_maxmin_fallback_fp16_equals_fp32_values():
     assert torch.equal(maxmin_select_torch(x, 10), maxmin_select_torch(x.float(), 10))
 
 
-def test_best_match_fallback_is_the_dense_max():
-    a, b = rand(2, 9, 6, seed=15), rand(2, 11, 6, seed=16)
-    values, indices = bipartite_best_match_torch(a, b)
-    sim = cosine_similarity_torch(a, b)
-    assert torch.equal(values, sim.max(dim=-1).values) and torch.equal(indices, sim.argmax(dim=-1))
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_best_match_fallback_is_the_official_tome_arithmetic(dtype):
+    # Official ToMe: normalise the whole metric in its dtype (no eps), split alternately, matmul in the dtype.
+    metric = rand(2, 23, 6, seed=15, dtype=dtype)
+    m = metric / metric.norm(dim=-1, keepdim=True)
+    scores = m[..., ::2, :] @ m[..., 1::2, :].transpose(-1, -2)
+    values, indices = bipartite_best_match_torch(metric[:, ::2], metric[:, 1::2])
+    assert values.dtype == dtype
+    assert torch.equal(values, scores.max(dim=-1).values) and torch.equal(indices, scores.max(dim=-1).indices)
+
+
+def test_best_match_dtype_mismatch_is_an_error():
+    with pytest.raises(TypeError, match="same dtype"):
+        K.bipartite_best_match(rand(4, 3), rand(5, 3, dtype=torch.float16))

@@ -245,3 +245,13 @@ register(
     lambda: [_ops.FastV()],
     "FastV: from LLM layer k=2 keep the visual tokens the last prompt token attends to most (r=0.5 removed)",
 )
+register(
+    "storm",
+    lambda: _ops.storm.storm_chain(),
+    "STORM-style training-free pooling of videos: temporal pool k=4, spatial pool p=1, temporal sample stride=1",
+)
+register(
+    "quota",
+    lambda: [_ops.QuoTA()],
+    "QuoTA: query-aware frame budgets (vlm scorer, query decoupling, bilinear resize), pre-LLM (keep 1.0 of video)",
+)

@@ -4,6 +4,8 @@ from vtr.ops.base import STAGES, BudgetOperator, LayerOperator, OpContext, Opera
 from vtr.ops.baselines import Pool, Random
 from vtr.ops.divprune import DivPrune
 from vtr.ops.fastv import FastV
+from vtr.ops.quota import QuoTA
+from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
 
 __all__ = [
     "STAGES",
@@ -14,7 +16,11 @@ __all__ = [
     "OpContext",
     "Operator",
     "Pool",
+    "QuoTA",
     "Random",
+    "SpatialPool",
+    "TemporalPool",
+    "TemporalSample",
     "resolve_keep",
     "validate_keep",
 ]

@@ -1,0 +1,166 @@
+"""Contract rows for the frame-aware operators (STORM-style pooling, QuoTA) on the video families.
+
+Reuses the inputs, tiny models and recorders of the adapter contract matrix (tests/test_adapter_matrix.py):
+
+* identity: factor 1 (STORM) / the full budget with a uniform scorer (QuoTA) gives the unwrapped logits and
+  greedy tokens;
+* counts per frame: the kept original indices are exactly the representatives the spec defines (the first
+  frame of a temporal group, the top-left cell of a window, the kept frame; QuoTA: the nearest native cell);
+* positions: the position ids reaching the language model are the unreduced ids of those representatives, and
+  decoding continues at the unreduced positions;
+* embeddings: a pooled row is the mean of the unreduced rows of its group;
+* batch: every sample of a padded batch equals that sample run alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from test_adapter_matrix import FAMILIES, GEN, LMRecorder, _cases, _pos3, _reference, build_inputs, model_and_processor
+
+import vtr
+from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
+
+VIDEO_FAMILIES = [f.name for f in FAMILIES.values() if f.video]
+
+
+def storm(k: int = 1, p: int = 1, stride: int = 1) -> list:
+    return [TemporalPool(k=k), SpatialPool(p=p), TemporalSample(stride=stride)]
+
+
+@pytest.fixture(autouse=True)
+def _unwrap():
+    yield
+    for fam in VIDEO_FAMILIES:
+        model_and_processor(fam)  # unwraps a model a failed test left wrapped
+
+
+def _run(family: str, case: str, recipe, *, capture_embeds: bool = False):
+    """Reduced prefill + greedy decode of a matrix case: (report, spans, kept_rows, LM calls, tokens)."""
+    inputs, *_ = _reference(family, case)
+    model, _ = model_and_processor(family)
+    vtr.wrap(model, recipe)
+    try:
+        with LMRecorder(model) as rec, torch.no_grad():
+            tokens = model.generate(**inputs, **GEN)
+        adapter = model.vtr.adapter
+        return model.vtr.report, adapter.last_spans, adapter.last_kept_rows, rec.calls, tokens
+    finally:
+        vtr.unwrap(model)
+
+
+def _reference_embeds(family: str, case: str) -> torch.Tensor:
+    """``inputs_embeds`` the unwrapped model gives its language model at prefill."""
+    inputs, *_ = _reference(family, case)
+    model, _ = model_and_processor(family)
+    with LMRecorder(model) as rec, torch.no_grad():
+        model(**inputs)
+    return rec.calls[0]["inputs_embeds"]
+
+
+def storm_representatives(layout, k: int, p: int, s: int) -> list[list[int]]:
+    """Per image of a sample: the original indices (within the image) STORM keeps, from the spec's rule.
+
+    Videos: frames ``0, k*s, 2*k*s, ...`` (the first frame of every kept temporal group), cells ``(p*i, p*j)``.
+    Images: every index (they pass through).
+    """
+    out = []
+    for im in layout:
+        if im.kind != "video":
+            out.append(list(range(im.n_tokens)))
+            continue
+        _t, h, w = im.grids[0]
+        frames = range(0, len(im.grids), k * s)
+        cells = [r * w + c for r in range(0, h, p) for c in range(0, w, p)]
+        out.append([f * h * w + c for f in frames for c in cells])
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ STORM
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("recipe", ["factors", "keep"])
+def test_storm_identity_at_factor_one(family, recipe):
+    inputs, ref_logits, ref_tokens, _ = _reference(family, "video-b3")
+    model, _ = model_and_processor(family)
+    vtr.wrap(model, storm() if recipe == "factors" else "storm", **({"keep": 1.0} if recipe == "keep" else {}))
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, **GEN)
+    finally:
+        vtr.unwrap(model)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize(("k", "p", "s"), [(2, 1, 1), (1, 2, 1), (1, 1, 2), (2, 2, 1), (3, 2, 2)])
+def test_storm_representatives_positions_and_counts(family, k, p, s):
+    """Kept rows are the spec's representatives; their position ids are the unreduced ones; decode continues
+    at the unreduced positions; the count is ``ceil(ceil(T/k)/s) * ceil(h/p) * ceil(w/p)`` per video."""
+    case = "video-b3"
+    ref_pos = _reference(family, case)[3]
+    report, spans, kept_rows, calls, _ = _run(family, case, storm(k, p, s))
+    prefill = _pos3(calls[0]["position_ids"])
+    for b, span in enumerate(spans):
+        want = storm_representatives(span.layout, k, p, s)
+        for i, im in enumerate(span.layout):
+            assert report.kept(b, i) == want[i], f"sample {b} image {i}"
+            if im.kind == "video":
+                _t, h, w = im.grids[0]
+                t = len(im.grids)
+                assert len(want[i]) == math.ceil(math.ceil(t / k) / s) * math.ceil(h / p) * math.ceil(w / p)
+        # The rows reaching the LLM: text rows, plus the representatives' rows, with their unreduced positions.
+        rows = kept_rows[b]
+        rep_rows = torch.cat([span.seq_pos[im.offset + torch.tensor(want[i])] for i, im in enumerate(span.layout)])
+        visual = torch.isin(rows, span.seq_pos)
+        assert torch.equal(rows[visual], torch.sort(rep_rows).values)
+        n = len(rows)
+        torch.testing.assert_close(prefill[..., b, -n:], ref_pos[0][..., b, rows], rtol=0, atol=0)
+    for step, call in enumerate(calls[1:], start=1):
+        torch.testing.assert_close(_pos3(call["position_ids"]), ref_pos[step], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_storm_rows_are_group_means(family):
+    """Each pooled row equals the mean of the unreduced LLM-input rows of its temporal x spatial group."""
+    case, k, p = "video-b1", 2, 2
+    ref = _reference_embeds(family, case)
+    _, spans, kept_rows, calls, _ = _run(family, case, storm(k, p, 1))
+    (span,) = spans
+    (video,) = span.layout
+    _t, h, w = video.grids[0]
+    grid = ref[0, span.seq_pos[video.offset : video.offset + video.n_tokens]].view(len(video.grids), h, w, -1)
+    got = calls[0]["inputs_embeds"][0, -len(kept_rows[0]) :]
+    row_of = {int(r): j for j, r in enumerate(kept_rows[0])}
+    for f in range(0, len(video.grids), k):
+        for r in range(0, h, p):
+            for c in range(0, w, p):
+                want = grid[f : f + k, r : r + p, c : c + p].mean(dim=(0, 1, 2))
+                seq = int(span.seq_pos[video.offset + f * h * w + r * w + c])
+                torch.testing.assert_close(got[row_of[seq]], want, atol=1e-7, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_storm_batch_invariance(family):
+    model, processor = model_and_processor(family)
+    samples = _cases(FAMILIES[family])["video-b3"]
+    vtr.wrap(model, storm(2, 2, 1))
+    try:
+        with torch.no_grad():
+            batch = build_inputs(processor, samples)
+            batch_logits = model(**batch).logits[:, -1]
+            batch_tokens = model.generate(**batch, **GEN)[:, -GEN["max_new_tokens"] :]
+            counts = [model.vtr.report.tokens_out(b) for b in range(len(samples))]
+            for b, smp in enumerate(samples):
+                one = build_inputs(processor, [smp])
+                logits = model(**one).logits[:, -1]
+                tokens = model.generate(**one, **GEN)[:, -GEN["max_new_tokens"] :]
+                assert model.vtr.report.tokens_out(0) == counts[b]
+                torch.testing.assert_close(logits[0], batch_logits[b], atol=1e-4, rtol=1e-4)
+                assert torch.equal(tokens[0], batch_tokens[b]), f"sample {b} differs from its batched run"
+    finally:
+        vtr.unwrap(model)
+    assert len(set(counts)) > 1
