@@ -10,6 +10,7 @@ from vtr.adapters.llava import LlavaAdapter
 from vtr.adapters.llava_next import LlavaNextAdapter
 from vtr.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtr.adapters.qwen2_vl import Qwen2VLAdapter
+from vtr.adapters.timm_vit import TimmViTAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -19,6 +20,7 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "Qwen2VLAdapter",
+    "TimmViTAdapter",
     "VisionInfo",
     "VisualSpans",
     "adapter_for",
@@ -32,6 +34,7 @@ ADAPTERS: list[type[Adapter]] = [
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     InternVLAdapter,
+    TimmViTAdapter,
 ]
 
 

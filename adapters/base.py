@@ -281,6 +281,10 @@ class Adapter:
                 return [s for s in unique for _ in range(e)], e
             raise err
 
+    def on_tower_result(self, result: Any) -> None:
+        """A vision-stage result of one encoder call: it waits for the next prefill, which folds it in."""
+        self.calls.pending.append(result)
+
     def visual_token_ids(self) -> set[int]:
         """Token ids of visual placeholder rows (image and video tokens)."""
         ids = {getattr(self, "image_token_id", None), getattr(self, "video_token_id", None)}

@@ -99,6 +99,8 @@ class TowerFacts:
         merger: module whose INPUT is re-expanded (Qwen2-VL's PatchMerger), or ``None``.
         refuse: a message when this encoder cannot host operators in the current configuration.
         refuse_video: a message when operators cannot act on videos (the model pools full frame grids).
+        reexpand: restore the native layout where the model's code continues (``False`` for models whose
+            head reads the reduced tokens directly, e.g. timm ViTs).
     """
 
     info: VisionInfo
@@ -112,6 +114,7 @@ class TowerFacts:
     merger: nn.Module | None = None
     refuse: str | None = None
     refuse_video: str | None = None
+    reexpand: bool = True
 
     @property
     def k(self) -> int:
@@ -179,8 +182,9 @@ class VisionHooks:
                         "score='mean_received'"
                     )
                 if facts.refuse is not None:
-                    raise ValueError(f"{op.name} needs vision signals, which the {adapter.name} encoder cannot give: "
-                                     f"{facts.refuse}")
+                    raise ValueError(
+                        f"{op.name} needs vision signals, which the {adapter.name} encoder cannot give: {facts.refuse}"
+                    )
                 self.signals.setdefault(block, set()).add(f"{kind}@{block}")
         starts = [b for b, _ in self.points] + list(self.signals)
         self.start = min(starts) if starts else None
@@ -223,6 +227,9 @@ class VisionHooks:
         run, self.run = self.run, None
         if run is None or not run.started:
             return None
+        if not self.facts.reexpand:
+            run.finish()
+            return None
         for name in ("last_hidden_state",):
             value = getattr(output, name, None)
             if value is not None:
@@ -263,6 +270,8 @@ class _Run:
         side = math.isqrt(k)
         self.unit_grids = [(h // side, w // side) for h, w in grids]
         self.started = False
+        # One context per encoder call: operators may keep per-call state in it (e.g. a merge schedule).
+        self.ctx = OpContext(extras={"vision_info": self.facts.info})
         self.records: list[tuple[str, Tensor, float]] = []
         self.snapshots: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (valid, index) at that output
 
@@ -409,9 +418,10 @@ class _Run:
             t.keys = keys[:, p:].reshape(s, -1, kk, keys.shape[-1]).sum(2)
             t.prefix_keys = keys[:, :p]
         t.block, t.point = block, point
+        self.ctx.extras.update(block=block, point=point)
         for op in ops:
             t0 = time.perf_counter()
-            t = op.apply_tower(t, OpContext(extras={"block": block, "point": point}))
+            t = op.apply_tower(t, self.ctx)
             self.records.append((op.name, t.counts, time.perf_counter() - t0))
         self.tokens = t
         out = torch.cat([t.prefix, t.x.reshape(s, -1, c)], 1)
@@ -458,7 +468,7 @@ class _Run:
     def finish(self) -> None:
         t = self.tokens
         t.x = t.x[:, :, :0]
-        self.hooks.adapter.calls.pending.append(TowerResult(t, list(self.unit_grids), self.records, self.kind))
+        self.hooks.adapter.on_tower_result(TowerResult(t, list(self.unit_grids), self.records, self.kind))
 
 
 # ---------------------------------------------------------------------- folding into LLM rows
@@ -526,8 +536,9 @@ def fold_vision_results(
             if i == len(records) - 1:
                 report.add(sample=b, stage="vision", operator=name, before=tokens, after=kept, seconds=seconds)
             else:
-                report.add_counts(sample=b, stage="vision", operator=name, tokens_in=prev, tokens_out=count,
-                                  seconds=seconds)
+                report.add_counts(
+                    sample=b, stage="vision", operator=name, tokens_in=prev, tokens_out=count, seconds=seconds
+                )
             prev = count
         out.append(kept)
     return out
@@ -553,6 +564,41 @@ def _op_records(pending: list[TowerResult], res_id: Tensor, seq: Tensor, extra: 
         for name, counts in final.items():
             last[name] = last.get(name, 0) + sum(int(counts[s]) for (r, s) in used if r == ri)
     return [(name, last[name] + extra, seconds[name]) for name in order]
+
+
+def report_tower_result(result: TowerResult) -> Report:
+    """A report with one sample per encoder sequence (models whose output is the encoder's, e.g. timm)."""
+    from vtr.report import Report
+    from vtr.tokens import ImageLayout
+
+    t = result.tokens
+    s, n0 = t.owner.shape
+    report = Report(original_tokens=[n0] * s)
+    for i in range(s):
+        h, w = result.grids[i]
+        layout = (ImageLayout(offset=0, n_tokens=n0, grids=((1, h, w),)),)
+        before = VisualTokens.from_layout(t.owner.new_zeros(n0, 0).float(), layout)
+        idx = t.index[i][t.valid[i]]
+        after = before.take(idx)
+        o = t.owner[i]
+        rank = torch.full((t.valid.shape[1],), -1, dtype=torch.long, device=o.device)
+        rank[t.valid[i].nonzero().flatten()] = torch.arange(len(idx), device=o.device)
+        owner = torch.where(o >= 0, rank[o.clamp_min(0)], -1)
+        if not torch.equal(owner, after.owner_map()):
+            after.owner = owner
+        after.sizes = t.sizes[i][t.valid[i]].float()
+        recs = result.records
+        for j, (name, counts, seconds) in enumerate(recs):
+            final = all(r[0] != name for r in recs[j + 1 :])
+            if not final:
+                continue
+            if name == recs[-1][0]:
+                report.add(sample=i, stage="vision", operator=name, before=before, after=after, seconds=seconds)
+            else:
+                report.add_counts(
+                    sample=i, stage="vision", operator=name, tokens_in=n0, tokens_out=int(counts[i]), seconds=seconds
+                )
+    return report
 
 
 def pixel_grids(patch_size: int) -> Callable[[tuple, dict], list[tuple[int, int]]]:

@@ -241,6 +241,11 @@ register("divprune", lambda: [_ops.DivPrune()], "DivPrune: max-min diverse subse
 register("random", lambda: [_ops.Random()], "Random: seeded uniform subset, pre-LLM baseline (keep 0.25)")
 register("pool", lambda: [_ops.Pool()], "Pool: 2-D average pooling of the token grid, pre-LLM baseline (keep 0.25)")
 register(
+    "tome",
+    lambda: [_ops.ToMe(keep=0.333)],
+    "ToMe: merge similar tokens (in the CLIP/SigLIP/timm tower; after the projector on Qwen2-VL, InternVL); keep 1/3",
+)
+register(
     "fastv",
     lambda: [_ops.FastV()],
     "FastV: from LLM layer k=2 keep the visual tokens the last prompt token attends to most (r=0.5 removed)",

@@ -38,15 +38,91 @@ SPECIAL_TOKENS = ["<pad>", "<unk>", "<s>", "</s>", "<image>", "<video>"]
 
 #: Words of the synthetic visual QA task plus chat scaffolding; unknown words map to ``<unk>``.
 VOCAB_WORDS = [
-    "USER", ":", "ASSISTANT", "?", ".", ",",
-    "what", "which", "is", "the", "of", "colour", "color", "shape", "how", "many", "are", "there", "in",
-    "image", "picture", "a", "an", "any", "where", "on", "side", "this", "describe", "object", "objects",
-    "red", "green", "blue", "yellow", "purple", "orange", "white", "black", "cyan", "pink", "gray",
-    "circle", "square", "triangle", "star", "cross", "diamond", "circles", "squares", "triangles",
-    "stars", "crosses", "diamonds", "shapes",
-    "yes", "no", "left", "right", "top", "bottom", "middle", "small", "large", "big",
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine",
-    "0", "1", "2", "3", "4", "5", "6", "7", "8", "9",
+    "USER",
+    ":",
+    "ASSISTANT",
+    "?",
+    ".",
+    ",",
+    "what",
+    "which",
+    "is",
+    "the",
+    "of",
+    "colour",
+    "color",
+    "shape",
+    "how",
+    "many",
+    "are",
+    "there",
+    "in",
+    "image",
+    "picture",
+    "a",
+    "an",
+    "any",
+    "where",
+    "on",
+    "side",
+    "this",
+    "describe",
+    "object",
+    "objects",
+    "red",
+    "green",
+    "blue",
+    "yellow",
+    "purple",
+    "orange",
+    "white",
+    "black",
+    "cyan",
+    "pink",
+    "gray",
+    "circle",
+    "square",
+    "triangle",
+    "star",
+    "cross",
+    "diamond",
+    "circles",
+    "squares",
+    "triangles",
+    "stars",
+    "crosses",
+    "diamonds",
+    "shapes",
+    "yes",
+    "no",
+    "left",
+    "right",
+    "top",
+    "bottom",
+    "middle",
+    "small",
+    "large",
+    "big",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "0",
+    "1",
+    "2",
+    "3",
+    "4",
+    "5",
+    "6",
+    "7",
+    "8",
+    "9",
 ]
 
 
@@ -75,9 +151,7 @@ def build_word_tokenizer(
         vocab.setdefault(w.lower(), len(vocab))
     tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()]
-    )
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     named = {"image_token": "<image>", "video_token": "<video>"} if named_tokens is None else dict(named_tokens)
     fast = PreTrainedTokenizerFast(
@@ -272,8 +346,14 @@ def tiny_qwen2_vl(
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2VLConfig(
         vision_config=dict(
-            depth=vision_layers, embed_dim=vision_hidden, hidden_size=text_hidden, num_heads=4,
-            patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2, mlp_ratio=2,
+            depth=vision_layers,
+            embed_dim=vision_hidden,
+            hidden_size=text_hidden,
+            num_heads=4,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            mlp_ratio=2,
         ),
         text_config=_qwen_text_config(tokenizer, text_hidden, text_layers),
         image_token_id=ids("<|image_pad|>"),
@@ -285,7 +365,9 @@ def tiny_qwen2_vl(
     model = _finish(Qwen2VLForConditionalGeneration(config), tokenizer, attn_implementation)
     image_processor, video_processor = _qwen_processors(patch_size, max_side)
     processor = Qwen2VLProcessor(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
@@ -315,9 +397,16 @@ def tiny_qwen2_5_vl(
     ids = tokenizer.convert_tokens_to_ids
     config = Qwen2_5_VLConfig(
         vision_config=dict(
-            depth=vision_layers, hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_heads=4,
-            out_hidden_size=text_hidden, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
-            window_size=window_units * 2 * patch_size, fullatt_block_indexes=[vision_layers - 1],
+            depth=vision_layers,
+            hidden_size=vision_hidden,
+            intermediate_size=vision_hidden * 2,
+            num_heads=4,
+            out_hidden_size=text_hidden,
+            patch_size=patch_size,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+            window_size=window_units * 2 * patch_size,
+            fullatt_block_indexes=[vision_layers - 1],
             tokens_per_second=2,
         ),
         text_config=_qwen_text_config(tokenizer, text_hidden, text_layers),
@@ -330,7 +419,9 @@ def tiny_qwen2_5_vl(
     model = _finish(Qwen2_5_VLForConditionalGeneration(config), tokenizer, attn_implementation)
     image_processor, video_processor = _qwen_processors(patch_size, max_side)
     processor = Qwen2_5_VLProcessor(
-        image_processor=image_processor, video_processor=video_processor, tokenizer=tokenizer,
+        image_processor=image_processor,
+        video_processor=video_processor,
+        tokenizer=tokenizer,
         chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model, processor
@@ -386,8 +477,11 @@ def tiny_internvl(
     text = Qwen2Config(**_text_kwargs(tokenizer, text_hidden, text_layers))
     config = InternVLConfig(
         vision_config=dict(
-            hidden_size=vision_hidden, num_hidden_layers=vision_layers, num_attention_heads=4,
-            intermediate_size=vision_hidden * 2, image_size=[tile_size, tile_size],
+            hidden_size=vision_hidden,
+            num_hidden_layers=vision_layers,
+            num_attention_heads=4,
+            intermediate_size=vision_hidden * 2,
+            image_size=[tile_size, tile_size],
             patch_size=[patch_size, patch_size],
         ),
         text_config=text,
@@ -401,12 +495,18 @@ def tiny_internvl(
     torch.manual_seed(seed)
     model = _finish(InternVLForConditionalGeneration(config), tokenizer, attn_implementation)
     image_processor = GotOcr2ImageProcessor(
-        size={"height": tile_size, "width": tile_size}, crop_to_patches=True, min_patches=1, max_patches=max_tiles,
+        size={"height": tile_size, "width": tile_size},
+        crop_to_patches=True,
+        min_patches=1,
+        max_patches=max_tiles,
     )
     video_processor = InternVLVideoProcessor(size={"height": tile_size, "width": tile_size}, do_sample_frames=False)
     processor = InternVLProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        image_seq_length=per_tile, chat_template=INTERNVL_CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        image_seq_length=per_tile,
+        chat_template=INTERNVL_CHAT_TEMPLATE,
     )
     return model, processor
 
@@ -443,8 +543,13 @@ def tiny_llava_next(
     s = image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     vision = CLIPVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size, projection_dim=vision_hidden,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        projection_dim=vision_hidden,
     )
     text = LlamaConfig(**_text_kwargs(tokenizer, text_hidden, text_layers), tie_word_embeddings=False)
     config = LlavaNextConfig(
@@ -468,8 +573,12 @@ def tiny_llava_next(
         image_grid_pinpoints=pinpoints,
     )
     processor = LlavaNextProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, patch_size=patch_size,
-        vision_feature_select_strategy="default", chat_template=CHAT_TEMPLATE, num_additional_image_tokens=1,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        chat_template=CHAT_TEMPLATE,
+        num_additional_image_tokens=1,
     )
     return model, processor
 
@@ -512,8 +621,13 @@ def tiny_llava_onevision(
     s = image_size
     pinpoints = [[s, 2 * s], [2 * s, s], [2 * s, 2 * s]]
     vision = SiglipVisionConfig(
-        hidden_size=vision_hidden, intermediate_size=vision_hidden * 2, num_hidden_layers=vision_layers,
-        num_attention_heads=4, image_size=image_size, patch_size=patch_size, vision_use_head=False,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        num_hidden_layers=vision_layers,
+        num_attention_heads=4,
+        image_size=image_size,
+        patch_size=patch_size,
+        vision_use_head=False,
     )
     text = Qwen2Config(**_text_kwargs(tokenizer, text_hidden, text_layers), tie_word_embeddings=False)
     config = LlavaOnevisionConfig(
@@ -531,14 +645,19 @@ def tiny_llava_onevision(
     torch.manual_seed(seed)
     model = _finish(LlavaOnevisionForConditionalGeneration(config), tokenizer, attn_implementation)
     image_processor = LlavaOnevisionImageProcessor(
-        size={"height": image_size, "width": image_size}, image_grid_pinpoints=pinpoints,
+        size={"height": image_size, "width": image_size},
+        image_grid_pinpoints=pinpoints,
     )
     video_processor = LlavaOnevisionVideoProcessor(
         size={"height": image_size, "width": image_size}, do_sample_frames=False
     )
     processor = LlavaOnevisionProcessor(
-        image_processor=image_processor, tokenizer=tokenizer, video_processor=video_processor,
-        num_image_tokens=(image_size // patch_size) ** 2, vision_feature_select_strategy="full",
-        vision_aspect_ratio=vision_aspect_ratio, chat_template=CHAT_TEMPLATE,
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        video_processor=video_processor,
+        num_image_tokens=(image_size // patch_size) ** 2,
+        vision_feature_select_strategy="full",
+        vision_aspect_ratio=vision_aspect_ratio,
+        chat_template=CHAT_TEMPLATE,
     )
     return model, processor

@@ -35,24 +35,43 @@ def llava15_shaped(llm: str = "0.5b", *, vision: str = "clip-l-336", seed: int =
         raise ValueError(f"llm must be one of {sorted(LLM_SIZES)}, got {llm!r}")
     if vision == "clip-l-336":
         vc = CLIPVisionConfig(
-            hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-            image_size=336, patch_size=14, projection_dim=768,
+            hidden_size=1024,
+            intermediate_size=4096,
+            num_hidden_layers=24,
+            num_attention_heads=16,
+            image_size=336,
+            patch_size=14,
+            projection_dim=768,
         )
     elif vision == "tiny":
         vc = CLIPVisionConfig(
-            hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            image_size=336, patch_size=14, projection_dim=64,
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=336,
+            patch_size=14,
+            projection_dim=64,
         )
     else:
         raise ValueError(f"vision must be 'clip-l-336' or 'tiny', got {vision!r}")
     h, i, layers, heads, kv = LLM_SIZES[llm]
     tc = LlamaConfig(
-        vocab_size=32064, hidden_size=h, intermediate_size=i, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
+        vocab_size=32064,
+        hidden_size=h,
+        intermediate_size=i,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv,
+        max_position_embeddings=4096,
     )
     cfg = LlavaConfig(
-        vision_config=vc, text_config=tc, image_token_id=32000, vision_feature_layer=-2,
-        vision_feature_select_strategy="default", image_seq_length=576,
+        vision_config=vc,
+        text_config=tc,
+        image_token_id=32000,
+        vision_feature_layer=-2,
+        vision_feature_select_strategy="default",
+        image_seq_length=576,
     )
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(cfg).eval()
@@ -79,9 +98,13 @@ def run(args: argparse.Namespace) -> int:
     model, cfg = llava15_shaped(args.llm, vision=args.vision)
     n_img = (cfg.vision_config.image_size // cfg.vision_config.patch_size) ** 2
     half = args.text_tokens // 2
-    ids = torch.cat([
-        torch.randint(3, 1000, (half,)), torch.full((n_img,), cfg.image_token_id), torch.randint(3, 1000, (half,)),
-    ]).unsqueeze(0)
+    ids = torch.cat(
+        [
+            torch.randint(3, 1000, (half,)),
+            torch.full((n_img,), cfg.image_token_id),
+            torch.randint(3, 1000, (half,)),
+        ]
+    ).unsqueeze(0)
     pixels = torch.randn(1, 3, cfg.vision_config.image_size, cfg.vision_config.image_size)
     inputs = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "pixel_values": pixels}
 
@@ -130,17 +153,19 @@ def run(args: argparse.Namespace) -> int:
         "llm_speedup_ideal_flops": decoder_prefill_flops(cfg.text_config, n_base)
         / decoder_prefill_flops(cfg.text_config, n_red),
     }
-    table = "\n".join([
-        "| | baseline | reduced | ratio |",
-        "|---|---|---|---|",
-        f"| visual tokens | {n_img} | {kept} | {kept / n_img:.3f} |",
-        f"| prefill TFLOPs (analytic) | {f_base / 1e12:.3f} | {f_red / 1e12:.3f} | "
-        f"{result['speedup_ideal_flops']:.2f}x ideal |",
-        f"| prefill time, vision + LLM (s) | {t_base:.3f} | {t_red:.3f} | {result['speedup_measured']:.2f}x |",
-        f"| LLM part of prefill (s) | {llm_base:.3f} | {llm_red:.3f} | {result['llm_speedup_measured']:.2f}x "
-        f"(ideal {result['llm_speedup_ideal_flops']:.2f}x) |",
-        f"| {args.recipe} operator time (ms) | - | {op_seconds * 1e3:.1f} | |",
-    ])
+    table = "\n".join(
+        [
+            "| | baseline | reduced | ratio |",
+            "|---|---|---|---|",
+            f"| visual tokens | {n_img} | {kept} | {kept / n_img:.3f} |",
+            f"| prefill TFLOPs (analytic) | {f_base / 1e12:.3f} | {f_red / 1e12:.3f} | "
+            f"{result['speedup_ideal_flops']:.2f}x ideal |",
+            f"| prefill time, vision + LLM (s) | {t_base:.3f} | {t_red:.3f} | {result['speedup_measured']:.2f}x |",
+            f"| LLM part of prefill (s) | {llm_base:.3f} | {llm_red:.3f} | {result['llm_speedup_measured']:.2f}x "
+            f"(ideal {result['llm_speedup_ideal_flops']:.2f}x) |",
+            f"| {args.recipe} operator time (ms) | - | {op_seconds * 1e3:.1f} | |",
+        ]
+    )
     print(table)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
