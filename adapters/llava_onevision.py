@@ -107,7 +107,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         h, w = onevision_canvas(image_size, self.pinpoints, self.tile, self.grid, str(ratio))
         return base, h, w, 0
 
-    def _image_plan(self) -> list[tuple[tuple[int, int], bool]]:
+    def image_plan(self) -> list[tuple[tuple[int, int], bool]]:
         """``(size, tiled)`` of every image of the call, in batch order (from the captured metadata)."""
         sizes = self.metadata.get("image_sizes")
         if sizes is None:
@@ -129,7 +129,7 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
     def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
         """Spans of every sample: runs of ``<image>``/``<video>`` rows matched in order to the captured
         image sizes (images of the whole batch, sample after sample) and the video frame count."""
-        images = iter(self._image_plan())
+        images = iter(self.image_plan())
         frames = self._video_frames()
         q2 = self.video_grid * self.video_grid
         out = []

@@ -159,7 +159,6 @@ class SpliceHooks:
         pos = pos.expand(*pos.shape[:-2], bsz, length) if pos.shape[-2] == 1 else pos
 
         spans, expand = a.expanded_batch_spans(input_ids)
-        a.metadata = {}
         report = Report(original_tokens=[len(s.seq_pos) for s in spans])
         state = CallState(report=report, spans=spans, expand=expand)
         batch = [VisualTokens.from_layout(embeds[b, s.seq_pos], s.layout) for b, s in enumerate(spans)]
@@ -168,6 +167,7 @@ class SpliceHooks:
             from vtr.adapters.vision import fold_vision_results
 
             batch = fold_vision_results(a, batch, spans, pending, expand, report)
+        a.metadata = {}
         contexts = [self.context(b, input_ids[b], mask[b]) for b in range(bsz)]
         batch = reducer.pipeline.run("pre_llm", batch, contexts, report)
         state.tokens = [t.sorted() for t in batch]
