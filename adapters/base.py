@@ -19,6 +19,7 @@ sample's tokens from stage to stage and owns the report. Everything is installed
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -181,6 +182,8 @@ class Adapter:
         self.reducer: Reducer | None = None
         #: The feature method encoding right now (``"get_image_features"``, ``"get_video_features"``), if any.
         self.encoding: str | None = None
+        #: While True (see :meth:`unreduced`) every hook passes calls through untouched.
+        self.paused = False
 
     # ------------------------------------------------------------------ selection
     @classmethod
@@ -280,6 +283,21 @@ class Adapter:
                     continue
                 return [s for s in unique for _ in range(e)], e
             raise err
+
+    @contextlib.contextmanager
+    def unreduced(self):
+        """Inside this block the wrapped model runs without any vtr hook acting (operators that call the model,
+        e.g. QuoTA's scorer, use it); the state of the call in progress is left untouched."""
+        previous, self.paused = self.paused, True
+        try:
+            yield self.model
+        finally:
+            self.paused = previous
+
+    def video_frames(self, processor: Any) -> list[Tensor]:
+        """The frames of every video of the current call, in call order, ``[F, 3, H, W]`` float in [0, 1],
+        recovered from the processor outputs (for query-aware operators that score frames)."""
+        raise NotImplementedError(f"the {self.name} adapter cannot recover video frames")
 
     def on_tower_result(self, result: Any) -> None:
         """A vision-stage result of one encoder call: it waits for the next prefill, which folds it in."""

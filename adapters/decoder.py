@@ -177,6 +177,8 @@ class DecoderHooks:
 
     # ------------------------------------------------------------------ dispatch
     def _pre(self, i: int, args: tuple, kwargs: dict[str, Any]):
+        if self.adapter.paused:
+            return None
         hidden = args[0] if args else kwargs["hidden_states"]
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         calls = self.adapter.calls

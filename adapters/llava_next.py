@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from vtr.adapters.base import Adapter, MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 from vtr.adapters.towers import clip_parts, patch_units
-from vtr.adapters.vision import TowerFacts, pixel_grids
+from vtr.adapters.vision import TowerFacts, check_sequences_used, pixel_grids
 from vtr.tokens import ImageLayout
 
 __all__ = ["LlavaNextAdapter", "SpanPart", "anyres_rows", "pack_parts"]
@@ -157,6 +157,9 @@ class LlavaNextAdapter(Adapter):
 
     def tower_rows(self, spans, results):
         plan = self.image_plan()
+        n_images = sum(im.kind == "image" for s in spans for im in s.layout)
+        if n_images != len(plan):
+            raise MetadataMismatch(f"{n_images} images in the LLM input, {len(plan)} in the captured image sizes")
         which = [i for i, r in enumerate(results) if r.kind == "image"]
         g2 = self.grid * self.grid
         out, cursor, img = [], 0, 0
@@ -184,6 +187,7 @@ class LlavaNextAdapter(Adapter):
                 res[sl], seq[sl], unit[sl] = which[0], cursor + codes // g2, codes % g2
                 cursor += tiles
             out.append((res, seq, unit))
+        check_sequences_used(results, which, cursor)
         return out
 
     def image_rows(self, image_size: tuple[int, int]) -> tuple[int, int, int]:

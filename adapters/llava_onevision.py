@@ -121,6 +121,16 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
             raise ValueError(f"`batch_num_images` counts {len(tiled)} images but `image_sizes` lists {len(rows)}")
         return list(zip(rows, tiled, strict=True))
 
+    def video_frames(self, processor) -> list[Tensor]:
+        """Frames of every video of the call, un-normalised from ``pixel_values_videos`` ``[n, F, C, H, W]``."""
+        pv = self.metadata.get("pixel_values_videos")
+        if pv is None:
+            raise ValueError(f"the {self.name} adapter saw no `pixel_values_videos` in this call")
+        vp = getattr(processor, "video_processor", None) or processor.image_processor
+        mean = torch.tensor(vp.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(vp.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return [(v.float() * std + mean).clamp(0, 1) for v in pv]
+
     def _video_frames(self) -> int | None:
         """Frames per video of the call (``pixel_values_videos`` is ``[n_videos, F, C, H, W]``)."""
         pv = self.metadata.get("pixel_values_videos")

@@ -82,7 +82,7 @@ class MetadataHooks:
         base = self.adapter.base_model()
         self.handles.append(base.register_forward_pre_hook(self._base_hook, with_kwargs=True))
         for name in self.adapter.feature_methods:
-            self.handles.append(InstanceWrapper(base, name, self.adapter.on_metadata, around=self._feature(name)))
+            self.handles.append(InstanceWrapper(base, name, self._on_metadata, around=self._feature(name)))
 
     def remove(self) -> None:
         for h in reversed(self.handles):
@@ -90,8 +90,14 @@ class MetadataHooks:
         self.handles.clear()
         self.input_ids = None
 
+    def _on_metadata(self, name: str, value: Any) -> None:
+        if not self.adapter.paused:
+            self.adapter.on_metadata(name, value)
+
     def _feature(self, name: str):
         def around(original, *args, **kwargs):
+            if self.adapter.paused:
+                return original(*args, **kwargs)
             # Vision-stage results are tagged with the method that encoded them (images or videos).
             previous, self.adapter.encoding = self.adapter.encoding, name
             try:
@@ -102,6 +108,8 @@ class MetadataHooks:
         return around
 
     def _base_hook(self, module, args, kwargs):
+        if self.adapter.paused:
+            return None
         self.input_ids = kwargs.get("input_ids", args[0] if args else None)
         for name in self.adapter.metadata_kwargs:
             self.adapter.on_metadata(name, kwargs.get(name))

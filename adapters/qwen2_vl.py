@@ -100,6 +100,26 @@ class Qwen2VLAdapter(Adapter):
             refuse=window if info.attention == "window+full" else None,
         )
 
+    def video_frames(self, processor) -> list[Tensor]:
+        """Frames of every video of the call, un-patchified and un-normalised from ``pixel_values_videos``."""
+        pv = self.metadata.get("pixel_values_videos")
+        grid = self.metadata.get("video_grid_thw")
+        if pv is None or grid is None:
+            raise ValueError(f"the {self.name} adapter saw no `pixel_values_videos` with `video_grid_thw` in this call")
+        vp = getattr(processor, "video_processor", None) or processor.image_processor
+        p, tp, m = int(vp.patch_size), int(vp.temporal_patch_size), int(vp.merge_size)
+        mean = torch.tensor(vp.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(vp.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        out, off = [], 0
+        for t, h, w in torch.as_tensor(grid).tolist():
+            n = t * h * w
+            x = pv[off : off + n].float().view(t, h // m, w // m, m, m, -1, tp, p, p)
+            # The processor flattens (t, h/m, w/m, m, m, C, tp, p, p): undo it to (t*tp, C, h*p, w*p).
+            x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, -1, h * p, w * p)
+            out.append((x * std + mean).clamp(0, 1))
+            off += n
+        return out
+
     def tower_rows(self, spans, results):
         def seqs(im):
             (_, hh, ww) = im.grids[0]

@@ -71,6 +71,8 @@ class SpliceHooks:
 
     # ------------------------------------------------------------------ top model: labels
     def _top_hook(self, module, args, kwargs):
+        if self.adapter.paused:
+            return None
         # Labels are mapped onto the reduced sequence after the call: the model must not compute its loss
         # on logits that no longer line up with them.
         self._labels = kwargs.get("labels")
@@ -82,6 +84,8 @@ class SpliceHooks:
         return args, out
 
     def _top_post_hook(self, module, args, kwargs, output):
+        if self.adapter.paused:
+            return None
         labels, self._labels = self._labels, None
         if labels is None or getattr(output, "logits", None) is None:
             return None
@@ -95,6 +99,8 @@ class SpliceHooks:
 
     # ------------------------------------------------------------------ base model: cached positions
     def _base_hook(self, module, args, kwargs):
+        if self.adapter.paused:
+            return None
         cache = kwargs.get("cache", kwargs.get("past_key_values"))
         if kwargs.get("position_ids") is not None or cache is None:
             return None
@@ -113,6 +119,8 @@ class SpliceHooks:
 
     # ------------------------------------------------------------------ language model
     def _lm_hook(self, module, args, kwargs):
+        if self.adapter.paused:
+            return None
         if args:
             raise TypeError("vtr expects the language model to be called with keyword arguments")
         embeds = kwargs.get("inputs_embeds")
@@ -127,6 +135,8 @@ class SpliceHooks:
         return args, self._decode(kwargs, cache, past)
 
     def _lm_post_hook(self, module, args, output):
+        if self.adapter.paused:
+            return None
         # The language model may create the cache itself (plain forward with use_cache): bind the reduced
         # prefill's state to the cache it returns, so later calls with that cache decode correctly.
         st = self.adapter.calls.current
@@ -166,9 +176,9 @@ class SpliceHooks:
         if pending:
             from vtr.adapters.vision import fold_vision_results
 
-            batch = fold_vision_results(a, batch, spans, pending, expand, report)
+            batch = fold_vision_results(a, batch, spans, pending, input_ids, report)
         a.metadata = {}
-        contexts = [self.context(b, input_ids[b], mask[b]) for b in range(bsz)]
+        contexts = self.contexts(spans, input_ids, mask)
         batch = reducer.pipeline.run("pre_llm", batch, contexts, report)
         state.tokens = [t.sorted() for t in batch]
         reducer.report = report
@@ -229,6 +239,25 @@ class SpliceHooks:
         self._label_map = functools.partial(map_labels, kept_rows=kept_rows, new_len=new_len, left=left)
         out = dict(kwargs)
         out.update(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p)
+        return out
+
+    def contexts(self, spans, input_ids: Tensor, mask: Tensor) -> list[OpContext]:
+        """The operator context of every sample: index, prompt text (when a tokenizer is known), the model, a way
+        to run it unreduced, the processor and, for query-aware operators on videos, the sample's frames."""
+        a = self.adapter
+        reducer = a.reducer
+        frames = None
+        if reducer.processor is not None and any(op.needs_query for op in reducer.pipeline.ops):
+            n_videos = sum(im.kind == "video" for s in spans for im in s.layout)
+            if n_videos:
+                frames = iter(a.video_frames(reducer.processor))
+        out = []
+        for b, s in enumerate(spans):
+            ctx = self.context(b, input_ids[b], mask[b])
+            ctx.extras.update(processor=reducer.processor, unreduced=a.unreduced)
+            if frames is not None:
+                ctx.extras["video_frames"] = [next(frames) for im in s.layout if im.kind == "video"]
+            out.append(ctx)
         return out
 
     def context(self, sample: int, input_ids: Tensor, mask: Tensor) -> OpContext:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -215,6 +216,9 @@ class VisionHooks:
 
     # ------------------------------------------------------------------ encoder
     def _encoder_pre(self, module, args, kwargs):
+        if self.adapter.paused:
+            self.run = None
+            return None
         kind = "video" if self.adapter.encoding == "get_video_features" else "image"
         if kind == "video" and self.ops and self.facts.refuse_video is not None:
             raise ValueError(
@@ -273,7 +277,9 @@ class _Run:
         # One context per encoder call: operators may keep per-call state in it (e.g. a merge schedule).
         self.ctx = OpContext(extras={"vision_info": self.facts.info})
         self.records: list[tuple[str, Tensor, float]] = []
-        self.snapshots: dict[int, tuple[Tensor, Tensor]] = {}  # id(tensor) -> (valid, index) at that output
+        # id(output) -> (weakref(output), valid, index): the layout of each block output (ids of freed tensors are
+        # reused, so the weak reference confirms the match).
+        self.snapshots: dict[int, tuple[Any, Tensor, Tensor]] = {}
 
     # ------------------------------------------------------------------ layout
     def _start(self, x_native: Tensor, kwargs: dict[str, Any]) -> None:
@@ -363,7 +369,7 @@ class _Run:
         if ops:
             x = self._apply(ops, x, i, "post", None)
         self.x = x
-        self.snapshots[id(x)] = (self.tokens.valid, self.tokens.index)
+        self.snapshots[id(x)] = (weakref.ref(x), self.tokens.valid, self.tokens.index)
         return x
 
     def _key_bias(self, valid: Tensor, dtype: torch.dtype) -> Tensor | None:
@@ -432,7 +438,8 @@ class _Run:
     # ------------------------------------------------------------------ outputs
     def reexpand(self, y: Tensor) -> Tensor:
         """A runner-layout hidden state -> the native layout (placeholders where units are gone)."""
-        snap = self.snapshots.get(id(y))
+        entry = self.snapshots.get(id(y))
+        snap = entry[1:] if entry is not None and entry[0]() is y else None
         f = self.facts
         if f.packed:
             native_len = sum(h * w for h, w in self.patch_grids)
@@ -477,7 +484,7 @@ def fold_vision_results(
     batch: list[VisualTokens],
     spans: list[VisualSpans],
     pending: list[TowerResult],
-    expand: int,
+    input_ids: Tensor,
     report: Report,
 ) -> list[VisualTokens]:
     """Apply what the encoder did to each sample's LLM-row tokens.
@@ -487,9 +494,34 @@ def fold_vision_results(
     the representative of a kept unit; its ``sizes``, ``scores`` (summed per unit) and ``protected`` come
     from that unit, and the units merged into it are recorded in ``owner``.
     """
+    return _fold(batch, vision_rows(adapter, spans, pending, input_ids), pending, report)
+
+
+def vision_rows(adapter: Adapter, spans: list[VisualSpans], pending: list[TowerResult], input_ids: Tensor):
+    """``adapter.tower_rows`` for every sample, also when ``generate`` repeated the samples (beams) after the
+    encoder ran on them: then consecutive groups of identical rows share their group's mapping."""
+    from vtr.adapters.base import MetadataMismatch
+
+    bsz = len(spans)
+    try:
+        return adapter.tower_rows(spans, pending)
+    except MetadataMismatch as err:
+        for e in range(2, bsz + 1):
+            if bsz % e:
+                continue
+            groups = input_ids.view(bsz // e, e, -1)
+            if not bool((groups == groups[:, :1]).all()):
+                continue
+            try:
+                unique = adapter.tower_rows(spans[::e], pending)
+            except MetadataMismatch:
+                continue
+            return [r for r in unique for _ in range(e)]
+        raise err
+
+
+def _fold(batch, rows, pending, report):
     out = []
-    rows = adapter.tower_rows(spans[::expand], pending)
-    rows = [r for r in rows for _ in range(expand)]
     for b, (tokens, (res_id, seq, unit)) in enumerate(zip(batch, rows, strict=True)):
         n = len(tokens)
         if n == 0:
@@ -646,4 +678,15 @@ def image_rows(
                     row += per_seq
                     cursor += 1
         out.append((res, seq, unit))
+    check_sequences_used(results, which, cursor)
     return out
+
+
+def check_sequences_used(results: list[TowerResult], which: list[int], used: int) -> None:
+    """Raise ``MetadataMismatch`` unless the rows used exactly the encoder sequences of the result ``which[0]``
+    (``generate`` may have repeated the samples after encoding them: the splice then retries per group)."""
+    from vtr.adapters.base import MetadataMismatch
+
+    have = results[which[0]].tokens.owner.shape[0] if which else 0
+    if used != have:
+        raise MetadataMismatch(f"the LLM input holds visual rows of {used} encoder sequences, the encoder ran {have}")

@@ -18,7 +18,10 @@ import math
 
 import pytest
 import torch
-from test_adapter_matrix import FAMILIES, GEN, LMRecorder, _cases, _pos3, _reference, build_inputs, model_and_processor
+from conftest import FAMILIES, GEN, LMRecorder, build_inputs, model_and_processor
+from conftest import family_cases as _cases
+from conftest import pos3 as _pos3
+from conftest import reference_run as _reference
 
 import vtr
 from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
@@ -46,7 +49,7 @@ def _run(family: str, case: str, recipe, *, capture_embeds: bool = False):
         with LMRecorder(model) as rec, torch.no_grad():
             tokens = model.generate(**inputs, **GEN)
         adapter = model.vtr.adapter
-        return model.vtr.report, adapter.last_spans, adapter.last_kept_rows, rec.calls, tokens
+        return model.vtr.report, adapter.last.spans, adapter.last.kept_rows, rec.calls, tokens
     finally:
         vtr.unwrap(model)
 

@@ -39,7 +39,9 @@ class Reducer:
         self.pipeline = Pipeline(ops)
         self.pipeline.check_supported(adapter.supported_stages, adapter.name)
         adapter.set_options(self.recipe)
-        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)  # a processor carries its tokenizer
+        #: The processor (or tokenizer) given to ``wrap``, and its tokenizer.
+        self.processor = tokenizer
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
         needy = [op.name for op in ops if op.needs_query]
         if needy and self.tokenizer is None:
             raise ValueError(
@@ -107,7 +109,7 @@ def reduced(model: nn.Module, recipe: RecipeLike, /, **overrides: Any) -> Iterat
 
     A recipe the model already had is put back on exit.
     """
-    previous = (model.vtr.recipe, model.vtr.tokenizer) if is_wrapped(model) else None
+    previous = (model.vtr.recipe, model.vtr.processor) if is_wrapped(model) else None
     wrap(model, recipe, **overrides)
     try:
         yield model
