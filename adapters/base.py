@@ -338,13 +338,18 @@ class Adapter:
         self.reducer = reducer
         self.calls = CallTracker()
         self.metadata = {}
+        from vtr.adapters.vision import VISION_SIGNALS, VisionHooks
+
         stages = reducer.pipeline.stages
         hooks: list[Any] = [MetadataHooks(self), SpliceHooks(self)]
         if "prefill" in stages or "decode" in stages:
             hooks.append(DecoderHooks(self))
-        if "vision" in stages:
-            from vtr.adapters.vision import VisionHooks
-
+        n_blocks = self.vision_info.num_blocks if "vision" in self.supported_stages else 0
+        signals = [sig for op in reducer.pipeline.ops for sig in op.required_signals(n_blocks)]
+        wants_signals = any(sig.partition("@")[0] in VISION_SIGNALS for sig in signals)
+        if "vision" in stages or wants_signals:
+            if "vision" not in self.supported_stages:
+                raise ValueError(f"the {self.name} adapter cannot capture vision-encoder signals")
             hooks.append(VisionHooks(self))
         self.hooks = hooks
 

@@ -138,7 +138,15 @@ class DecoderHooks:
         self.handles: list[Any] = []
         pipeline = adapter.reducer.pipeline
         self.ops = pipeline.for_stage("prefill")
+        self.cache_ops = pipeline.for_stage("decode")
         n = len(self.facts.layers)
+        for op in self.cache_ops:
+            for i in op.cache_layers(n):
+                if not 1 <= i < n:
+                    raise ValueError(
+                        f"{op.name} compacts layer {i}; allowed: layers 1..{n - 1} (layer 0's cache length is what "
+                        "generate counts positions from)"
+                    )
         self.op_layers: dict[int, list] = {}
         for op in self.ops:
             layer = op.layer_index(n)
@@ -168,6 +176,8 @@ class DecoderHooks:
             self.handles.append(
                 layer.register_forward_pre_hook(lambda m, a, k, i=i: self._pre(i, a, k), with_kwargs=True)
             )
+        if self.cache_ops:
+            self.handles.append(self.adapter.language_model().register_forward_hook(self._lm_post))
 
     def remove(self) -> None:
         for h in self.handles:
@@ -207,6 +217,8 @@ class DecoderHooks:
             state.layers = pf.layers if pf.changed else None
             visual, total = pf.layer_counts()
             state.report.set_layer_tokens(visual, total, self.adapter.language_model().config, hidden.dtype)
+            if self.cache_ops:
+                self._compact = (pf, hidden)
             self._prefill = None
         new_args = (hidden, *args[1:]) if args else args
         if not args:
@@ -266,6 +278,52 @@ class DecoderHooks:
             pf.scores[b] = {k: v for k, v in tokens.scores.items() if k in pf.scores[b]}
         return pf.shrink(new_rows, hidden, kwargs)
 
+    # ------------------------------------------------------------------ decode stage
+    def _lm_post(self, module, args, output):
+        pending, self._compact = getattr(self, "_compact", None), None
+        if pending is None or self.adapter.paused:
+            return None
+        cache = getattr(output, "cache", None)
+        if cache is None:
+            return None  # no cache to compact (a forward without use_cache)
+        pf, hidden = pending
+        self._compact_cache(pf, cache, hidden)
+        return None
+
+    def _compact_cache(self, pf: _Prefill, cache, hidden: Tensor) -> None:
+        """Run the ``decode`` operators: each compacts its layers' caches to text rows + the visual subset."""
+        import time
+
+        state = pf.state
+        n_layers = len(self.facts.layers)
+        layers = pf.layers
+        dtype = hidden.dtype
+        for op in self.cache_ops:
+            keep_index: list[Tensor] = []
+            for b in range(pf.bsz):
+                tokens = pf.visual_tokens(b, hidden)
+                t0 = time.perf_counter()
+                out = op.apply(tokens, OpContext(sample=b, extras={"model": self.adapter.model}))
+                state.report.add(
+                    sample=b,
+                    stage="decode",
+                    operator=op.name,
+                    before=tokens,
+                    after=out,
+                    seconds=time.perf_counter() - t0,
+                )
+                keep_index.append(out.index)
+            for i in op.cache_layers(n_layers):
+                layers[i] = _compact_layer(cache.layers[i], layers[i], pf, keep_index, state.left)
+        state.layers = layers
+        visual, total = [], []
+        for b in range(pf.bsz):
+            vis = state.visual[b]
+            visual.append([int(vis[lay.rows[b]].sum()) for lay in layers])
+            total.append([int(lay.mask[b].sum()) for lay in layers])
+        state.report.set_layer_tokens(state.report.layer_tokens, total, self.adapter.language_model().config, dtype)
+        del visual
+
     # ------------------------------------------------------------------ decode
     def _decode_layer(self, i: int, st: CallState, args, kwargs, hidden: Tensor, cache):
         lay = st.layers[i]
@@ -286,6 +344,33 @@ class DecoderHooks:
         out = dict(kwargs)
         out["attention_mask"] = additive_mask(keys, q, hidden.dtype)
         return args, out
+
+
+def _compact_layer(layer_cache, lay: LayerState, pf: _Prefill, keep_index: list[Tensor], left: bool) -> LayerState:
+    """Keep, per sample, the text rows and the visual rows whose original index is in ``keep_index[b]``."""
+    keys, values = layer_cache.keys, layer_cache.values
+    bsz = keys.shape[0]
+    new_rows, picks = [], []
+    for b in range(bsz):
+        rows = lay.rows[b]
+        n = len(rows)
+        slot0 = lay.length - n if left else 0
+        vis_idx = pf.vis_index[b][rows]
+        keep = (vis_idx < 0) | torch.isin(vis_idx, keep_index[b].to(vis_idx.device))
+        new_rows.append(rows[keep])
+        picks.append(keep.nonzero().flatten() + slot0)
+    new_len = max(len(r) for r in new_rows)
+    k_out = keys.new_zeros(bsz, keys.shape[1], new_len, keys.shape[-1])
+    v_out = values.new_zeros(bsz, values.shape[1], new_len, values.shape[-1])
+    mask = torch.zeros(bsz, new_len, dtype=torch.long, device=keys.device)
+    for b in range(bsz):
+        n = len(new_rows[b])
+        sl = slice(new_len - n, new_len) if left else slice(0, n)
+        k_out[b, :, sl] = keys[b, :, picks[b]]
+        v_out[b, :, sl] = values[b, :, picks[b]]
+        mask[b, sl] = lay.mask[b, picks[b]].to(mask.device)
+    layer_cache.keys, layer_cache.values = k_out, v_out
+    return LayerState(rows=new_rows, length=new_len, mask=mask)
 
 
 class _Prefill:

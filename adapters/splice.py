@@ -281,6 +281,12 @@ class SpliceHooks:
         st = state.splice
         embeds: Tensor = kwargs["inputs_embeds"]
         bsz, q = embeds.shape[:2]
+        if q > 1 and (st.new_len != st.orig_len or state.layers is not None):
+            raise ValueError(
+                f"{q} new tokens at once on a reduced cache: continuing from a reduced cache feeds one token per call "
+                "(generate's own continuation re-feeds tokens by cache length, which a reduced cache no longer "
+                "matches); run the follow-up as a new call with the whole conversation as its prompt"
+            )
         out = dict(kwargs)
         mask = kwargs.get("attention_mask")
         grown = past - st.new_len  # tokens appended to the cache since the reduced prefill

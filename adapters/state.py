@@ -82,15 +82,22 @@ class CallTracker:
         self.pending: list[Any] = []
         self.current: CallState | None = None
         self.last: CallState | None = None
+        # Every cache a reduced prefill filled -> its state (weak: a cache the caller drops frees its entry).
+        self._by_cache: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def bind(self, state: CallState, cache: Any) -> None:
-        """Attach ``state`` to the cache its prefill filled, so cached calls find it."""
+        """Attach ``state`` to the cache its prefill filled, so cached calls find it (also after later calls)."""
         if state.splice is not None and cache is not None:
             state.splice.cache_ref = weakref.ref(cache)
+            self._by_cache[cache] = state
 
     def for_cache(self, cache: Any) -> CallState | None:
         """The state whose prefill filled ``cache`` (``None`` for a cache vtr did not fill)."""
-        st = self.last
-        if st is None or st.splice is None or st.splice.cache_ref is None or cache is None:
+        if cache is None:
             return None
-        return st if st.splice.cache_ref() is cache else None
+        try:
+            return self._by_cache.get(cache)
+        except TypeError:  # an unhashable cache object
+            st = self.last
+            ok = st is not None and st.splice is not None and st.splice.cache_ref is not None
+            return st if ok and st.splice.cache_ref() is cache else None

@@ -112,7 +112,7 @@ def test_yaml_family_options(tmp_path):
     f.write_text("options: {drop_newlines: true}\nrecipe: pool\n")
     assert vtr.load_recipe(f).options == {"drop_newlines": True}
     f.write_text("options: {drop_newline: true}\nrecipe: pool\n")
-    with pytest.raises(ValueError, match=r"r.yaml: unknown family option\(s\) \['drop_newline'\]; known: \['drop_newlines'\]"):
+    with pytest.raises(ValueError, match=r"unknown family option\(s\) \[.drop_newline.\]; known"):
         vtr.load_recipe(f)
 
 

@@ -14,6 +14,7 @@ from vtr.tokens import SCOPES, TowerTokens, VisualTokens
 __all__ = [
     "STAGES",
     "BudgetOperator",
+    "CacheOperator",
     "LayerOperator",
     "OpContext",
     "Operator",
@@ -168,6 +169,23 @@ class LayerOperator(Operator):
 
     def layer_index(self, n_layers: int) -> int:  # pragma: no cover - abstract
         """The decoder layer before which the operator acts, for a decoder of ``n_layers`` layers."""
+        raise NotImplementedError
+
+
+@dataclass
+class CacheOperator(Operator):
+    """An operator on the KV cache after prefill (``decode`` stage): it compacts the caches of some layers.
+
+    ``apply`` gets the sample's visual tokens as the LAST decoder layer saw them in prefill (with the signals
+    the prefill captured) and returns the subset every layer of :meth:`cache_layers` keeps (text rows always
+    stay). Keys were rotated at their original positions, so selecting rows is exact; decoding continues at
+    the unreduced positions.
+    """
+
+    stage: ClassVar[str] = "decode"
+
+    def cache_layers(self, n_layers: int) -> list[int]:  # pragma: no cover - abstract
+        """Decoder layers whose caches are compacted."""
         raise NotImplementedError
 
 
