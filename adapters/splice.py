@@ -178,7 +178,7 @@ class SpliceHooks:
 
             batch = fold_vision_results(a, batch, spans, pending, input_ids, report)
         a.metadata = {}
-        contexts = self.contexts(spans, input_ids, mask)
+        contexts = self.contexts(spans, input_ids, mask, report)
         batch = reducer.pipeline.run("pre_llm", batch, contexts, report)
         state.tokens = [t.sorted() for t in batch]
         reducer.report = report
@@ -241,7 +241,7 @@ class SpliceHooks:
         out.update(inputs_embeds=new_e, attention_mask=new_m, position_ids=new_p)
         return out
 
-    def contexts(self, spans, input_ids: Tensor, mask: Tensor) -> list[OpContext]:
+    def contexts(self, spans, input_ids: Tensor, mask: Tensor, report: Report) -> list[OpContext]:
         """The operator context of every sample: index, prompt text (when a tokenizer is known), the model, a way
         to run it unreduced, the processor and, for query-aware operators on videos, the sample's frames."""
         a = self.adapter
@@ -254,7 +254,7 @@ class SpliceHooks:
         out = []
         for b, s in enumerate(spans):
             ctx = self.context(b, input_ids[b], mask[b])
-            ctx.extras.update(processor=reducer.processor, unreduced=a.unreduced)
+            ctx.extras.update(processor=reducer.processor, unreduced=a.unreduced, details=report.details)
             if frames is not None:
                 ctx.extras["video_frames"] = [next(frames) for im in s.layout if im.kind == "video"]
             out.append(ctx)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+
 from vtr.kernels.dispatch import BACKENDS, interpreter_enabled, load_triton, resolve_backend
 from vtr.kernels.torch_impl import (
     DENSE_MAX_TOKENS,

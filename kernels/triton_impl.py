@@ -15,6 +15,7 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+
 from vtr.kernels.dispatch import interpreter_enabled
 from vtr.kernels.torch_impl import EPS, normalise, unit_rows
 

@@ -20,10 +20,10 @@ import time
 from pathlib import Path
 
 import torch
-import vtr.kernels as K
-from vtr.kernels.dispatch import load_triton, resolve_backend
 
+import vtr.kernels as K
 from vtr.bench import kernels as bench
+from vtr.kernels.dispatch import load_triton, resolve_backend
 
 # Fallback matmuls must be full fp32 too, or they (not the kernels) would flip picks.
 torch.backends.cuda.matmul.allow_tf32 = False

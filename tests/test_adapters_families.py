@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from vtr.adapters import InternVLAdapter, Qwen2VLAdapter, adapter_for
 
 import vtr
 from vtr import testing as vt
+from vtr.adapters import InternVLAdapter, Qwen2VLAdapter, adapter_for
 from vtr.ops import Random
 
 

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from vtr.adapters import LlavaOnevisionAdapter, adapter_for
-from vtr.adapters.llava_onevision import onevision_canvas
 
 import vtr
 from vtr import testing as vt
+from vtr.adapters import LlavaOnevisionAdapter, adapter_for
+from vtr.adapters.llava_onevision import onevision_canvas
 from vtr.ops import DivPrune, Random
 from vtr.ops.base import resolve_keep
 

@@ -107,3 +107,20 @@ def test_run_with_local_model_dir(capsys, tmp_path, factory):
 def test_run_with_a_folder_that_is_not_a_model(capsys, tmp_path):
     assert main(["run", "--model", str(tmp_path), "--image", str(SAMPLE), "--prompt", "what ?"]) == 2
     assert "holds no config.json" in capsys.readouterr().err
+
+
+def test_run_with_a_missing_model_path_is_one_line(capsys):
+    assert run("--model", "/no/such/path") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtr: error: --model /no/such/path: no such folder") and err.count("\n") == 1
+    assert "Traceback" not in err
+
+
+def test_run_with_an_unresolvable_hub_id_is_one_line(capsys, monkeypatch):
+    import huggingface_hub
+
+    # Offline: transformers must resolve the id from the local cache, which does not have it (no network here).
+    monkeypatch.setattr(sys.modules[huggingface_hub.is_offline_mode.__module__], "HF_HUB_OFFLINE", True)
+    assert run("--model", "vtr-tests/no-such-model") == 2
+    err = capsys.readouterr().err
+    assert err.startswith("vtr: error: --model vtr-tests/no-such-model: cannot load it") and err.count("\n") == 1

@@ -18,9 +18,10 @@ from pathlib import Path
 
 import pytest
 import torch
-import vtr.kernels as K
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+import vtr.kernels as K
 from vtr.kernels.dispatch import load_triton, resolve_backend
 from vtr.kernels.torch_impl import (
     bipartite_best_match_torch,
@@ -28,7 +29,6 @@ from vtr.kernels.torch_impl import (
     maxmin_select_torch,
     unit_rows,
 )
-
 from vtr.ops.divprune import DivPrune, divprune_select
 from vtr.ops.tome import bipartite_soft_matching, merge_representative, merge_to, merge_wavg
 from vtr.tokens import ImageLayout, VisualTokens

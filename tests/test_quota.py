@@ -378,6 +378,7 @@ def test_operator_errors():
     ("kwargs", "message"),
     [
         (dict(keep=0), r"QuoTA.keep must be an int >= 1 or a float in \(0, 1\], got 0"),
+        (dict(scope="frame"), "QuoTA budgets each whole video: scope must be 'image', got 'frame'"),
         (dict(scorer="siglip"), "QuoTA.scorer must be 'vlm', 'clip', 'constant' or a callable, got 'siglip'"),
         (dict(scorer=3), "QuoTA.scorer must be a name or a callable, got int"),
         (dict(assigner="nearest"), "QuoTA.assigner must be one of"),
@@ -563,3 +564,26 @@ def test_recipe():
 
     (op,) = vtr.recipes.get("quota", keep=0.25, scorer="clip", assigner="uniform")
     assert isinstance(op, QuoTA) and (op.keep, op.scorer, op.assigner) == (0.25, "clip", "uniform")
+
+
+def test_decouple_query_with_a_tokenizer_only(tiny_qwen):
+    """The stage machinery may hand operators the tokenizer instead of the processor: text-only either way."""
+    import copy
+
+    model, processor = tiny_qwen
+    tok = copy.deepcopy(processor.tokenizer)
+    tok.chat_template = processor.chat_template
+    calls = []
+    real = model.generate
+
+    def generate(**kwargs):
+        calls.append(kwargs["input_ids"])
+        return real(**kwargs)
+
+    model.generate = generate
+    try:
+        assert decouple_query(model, tok, "where is the red star ?", max_new_tokens=4) is None
+    finally:
+        del model.generate
+    text = tok.decode(calls[0][0])
+    assert text.startswith("user : where is the red star?") and text.endswith("assistant :")

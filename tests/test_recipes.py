@@ -80,6 +80,22 @@ def test_yaml_errors(tmp_path, text, match):
         vtr.load_recipe(f)
 
 
+@pytest.mark.parametrize(
+    ("text", "line"),
+    [
+        ("recipe: divprune\noverrides:\n  keep: [0.1\n", 4),  # unclosed flow sequence, found at the end
+        ("ops:\n  - op: DivPrune\n   keep: 0.1\n", 3),  # bad indentation
+        ("recipe: divprune\n\tkeep: 0.1\n", 2),  # a tab
+    ],
+)
+def test_malformed_yaml_names_file_and_line(tmp_path, text, line):
+    f = tmp_path / "broken.yaml"
+    f.write_text(text)
+    with pytest.raises(ValueError, match=rf"broken\.yaml: malformed YAML at line {line}, column \d+: ") as err:
+        vtr.load_recipe(f)
+    assert str(f) in str(err.value) and "\n" not in str(err.value)
+
+
 def test_yaml_is_safe_loaded(tmp_path):
     f = tmp_path / "evil.yaml"
     f.write_text("recipe: !!python/object/apply:os.system ['echo hi']\n")

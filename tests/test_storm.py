@@ -279,7 +279,8 @@ def test_recipe_and_overrides():
     assert (ops[0].k, ops[1].p, ops[2].stride) == (4, 1, 1)
     ops = vtr.recipes.get("storm", k=2, p=2, stride=2)
     assert (ops[0].k, ops[1].p, ops[2].stride) == (2, 2, 2)
-    with pytest.raises(ValueError, match="unknown option 'scope'"):
+    assert all(op.scope == "image" for op in vtr.recipes.get("storm", scope="image"))
+    with pytest.raises(ValueError, match="TemporalPool acts on each whole video: scope must be 'image', got 'frame'"):
         vtr.recipes.get("storm", scope="frame")
 
 

@@ -18,12 +18,14 @@ import math
 
 import pytest
 import torch
-from conftest import FAMILIES, GEN, LMRecorder, build_inputs, model_and_processor
+from conftest import FAMILIES, GEN, QUESTIONS, LMRecorder, build_inputs, model_and_processor
 from conftest import family_cases as _cases
 from conftest import pos3 as _pos3
 from conftest import reference_run as _reference
+from conftest import video_array as _video
 
 import vtr
+from vtr.ops.quota import QuoTA, assign_budgets, frame_grid, nearest_cells
 from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
 
 VIDEO_FAMILIES = [f.name for f in FAMILIES.values() if f.video]
@@ -43,8 +45,8 @@ def _unwrap():
 def _run(family: str, case: str, recipe, *, capture_embeds: bool = False):
     """Reduced prefill + greedy decode of a matrix case: (report, spans, kept_rows, LM calls, tokens)."""
     inputs, *_ = _reference(family, case)
-    model, _ = model_and_processor(family)
-    vtr.wrap(model, recipe)
+    model, processor = model_and_processor(family)
+    vtr.wrap(model, recipe, processor=processor)
     try:
         with LMRecorder(model) as rec, torch.no_grad():
             tokens = model.generate(**inputs, **GEN)
@@ -167,3 +169,111 @@ def test_storm_batch_invariance(family):
     finally:
         vtr.unwrap(model)
     assert len(set(counts)) > 1
+
+
+# ------------------------------------------------------------------------------------------------ QuoTA
+def _frames(sample) -> list:
+    """The frames ``build_inputs`` gives the processor for each video of ``sample`` (same seeds)."""
+    return [_video(f, h, w, sample.seed * 10 + 5 + j) for j, (f, h, w) in enumerate(sample.videos)]
+
+
+class QueryScorer:
+    """Stub scorer: input frame ``i`` scores ``weights[i % len]``, reversed for questions about squares."""
+
+    def __init__(self, weights):
+        self.weights = weights
+
+    def __call__(self, frames, query, objects=None):
+        w = self.weights[::-1] if "squares" in query else self.weights
+        return torch.tensor([w[i % len(w)] for i in range(len(frames))], dtype=torch.float64)
+
+
+def quota_representatives(layout, frames_per_video, scorer, query, keep) -> list[list[int]]:
+    """Per image: the original indices QuoTA keeps, from the cores (budgets, grids, nearest cells)."""
+    out, v = [], 0
+    for im in layout:
+        if im.kind != "video":
+            out.append(list(range(im.n_tokens)))
+            continue
+        _t, h, w = im.grids[0]
+        t = len(im.grids)
+        raw = scorer(frames_per_video[v], query)
+        v += 1
+        scores = raw.view(t, -1).mean(1)
+        total = vtr.ops.resolve_keep(keep, t * h * w)
+        kept = []
+        for f, n in enumerate(assign_budgets(scores, total, 2.0, h * w).tolist()):
+            grid = frame_grid(n, (h, w))
+            if grid[0] * grid[1]:
+                kept += (f * h * w + nearest_cells(grid, (h, w))).tolist()
+        out.append(sorted(kept))
+    return out
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_quota_identity_at_full_budget(family):
+    inputs, ref_logits, ref_tokens, _ = _reference(family, "video-b3")
+    model, processor = model_and_processor(family)
+    vtr.wrap(model, QuoTA(keep=1.0, scorer="constant", decouple=False), processor=processor)
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, **GEN)
+    finally:
+        vtr.unwrap(model)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+@pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0, 0.0), (0.2, 1.0, 0.5, 0.1)])
+def test_quota_budgets_positions_and_dropped_frames(family, weights):
+    """Kept rows are the nearest native cells of each frame's budgeted grid, 0-budget frames leave nothing,
+    positions are the unreduced ids of those rows and decoding continues at the unreduced positions."""
+    case, keep = "video-b3", 0.5
+    samples = _cases(FAMILIES[family])[case]
+    scorer = QueryScorer(weights)
+    ref_pos = _reference(family, case)[3]
+    report, spans, kept_rows, calls, _ = _run(family, case, QuoTA(keep=keep, scorer=scorer, decouple=False))
+    infos = report.details["quota"]
+    prefill = _pos3(calls[0]["position_ids"])
+    for b, span in enumerate(spans):
+        q = QUESTIONS[samples[b].question]
+        want = quota_representatives(span.layout, _frames(samples[b]), scorer, q, keep)
+        for i in range(len(span.layout)):
+            assert report.kept(b, i) == want[i], f"sample {b} image {i}"
+        rows = kept_rows[b]
+        rep_rows = torch.cat(
+            [span.seq_pos[im.offset + torch.tensor(want[i], dtype=torch.long)] for i, im in enumerate(span.layout)]
+        )
+        assert torch.equal(rows[torch.isin(rows, span.seq_pos)], torch.sort(rep_rows).values)
+        torch.testing.assert_close(prefill[..., b, -len(rows) :], ref_pos[0][..., b, rows], rtol=0, atol=0)
+    if 0.0 in weights:  # Qwen: token frame 1 = input frames 2-3, scored 0 -> dropped; OneVision: frames 2, 3
+        assert all(info.dropped_frames >= 1 for info in infos if len(info.budgets) > 1)
+    for step, call in enumerate(calls[1:], start=1):
+        torch.testing.assert_close(_pos3(call["position_ids"]), ref_pos[step], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", VIDEO_FAMILIES)
+def test_quota_batch_invariance(family):
+    """Each sample (own question, own scores and budgets) gives in a padded batch what it gives alone."""
+    model, processor = model_and_processor(family)
+    samples = _cases(FAMILIES[family])["video-b3"]
+    vtr.wrap(model, QuoTA(keep=0.4, scorer=QueryScorer((1.0, 0.3, 0.6, 0.0)), decouple=False), processor=processor)
+    try:
+        with torch.no_grad():
+            batch = build_inputs(processor, samples)
+            batch_logits = model(**batch).logits[:, -1]
+            batch_tokens = model.generate(**batch, **GEN)[:, -GEN["max_new_tokens"] :]
+            counts = [model.vtr.report.tokens_out(b) for b in range(len(samples))]
+            kept = [model.vtr.report.kept(b, len(s.images)) for b, s in enumerate(samples)]
+            for b, smp in enumerate(samples):
+                one = build_inputs(processor, [smp])
+                logits = model(**one).logits[:, -1]
+                tokens = model.generate(**one, **GEN)[:, -GEN["max_new_tokens"] :]
+                assert model.vtr.report.tokens_out(0) == counts[b]
+                assert model.vtr.report.kept(0, len(smp.images)) == kept[b]
+                torch.testing.assert_close(logits[0], batch_logits[b], atol=1e-4, rtol=1e-4)
+                assert torch.equal(tokens[0], batch_tokens[b]), f"sample {b} differs from its batched run"
+    finally:
+        vtr.unwrap(model)

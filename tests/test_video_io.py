@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from vtr.video import Clip, VideoError, read_video, sample_indices, usable_frames, video_inputs
 
 av = pytest.importorskip("av")
@@ -320,3 +321,106 @@ def test_video_inputs_errors(clips):
     qwen = _processor("qwen2_vl")
     grid = video_inputs(qwen, [clips["a4"], clips["b6"]], ["a ?", "b ?"])["video_grid_thw"]
     assert grid[:, 0].tolist() == [2, 3]
+
+
+# ------------------------------------------------------------------------------------------------ vtr run --video
+@pytest.fixture(scope="module")
+def saved_qwen(tmp_path_factory) -> Path:
+    """A saved tiny random Qwen2-VL (``--model`` takes its folder)."""
+    from vtr.testing import tiny_qwen2_vl
+
+    model, processor = tiny_qwen2_vl()
+    path = tmp_path_factory.mktemp("qwen") / "model"
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def clip24(tmp_path_factory) -> Path:
+    rng = np.random.default_rng(0)
+    return write_video(
+        tmp_path_factory.mktemp("run") / "clip.mp4", (rng.random((24, 32, 64, 3)) * 255).astype(np.uint8), fps=8
+    )
+
+
+def _run_video(capsys, *args: str) -> tuple[int, str, str]:
+    from vtr.cli import main
+
+    code = main(["run", "--prompt", "what colour is the circle ?", "--max-new-tokens", "2", *args])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _row(out: str, name: str) -> list[str]:
+    line = next(line for line in out.splitlines() if line.startswith(name))
+    return line[len(name) :].split()
+
+
+@pytest.mark.parametrize(
+    ("recipe", "frames", "base", "reduced", "visual"),
+    [
+        ("storm", ["--frames", "8"], "32 32 32 32", "32 0 0 0", ["128", "32", "(25.0%)"]),
+        ("configs/storm_spool2.yaml", ["--fps", "2"], "32 32 32", "8 8 8", ["96", "24", "(25.0%)"]),
+        ("storm_tsample", ["--frames", "7"], "32 32 32", "32 0 32", ["96", "64", "(66.7%)"]),
+    ],
+)
+def test_run_video(capsys, saved_qwen, clip24, tmp_path, recipe, frames, base, reduced, visual):
+    """Frames used and visual tokens per token frame, baseline and reduced (Qwen: 2 frames per token frame)."""
+    if recipe == "storm_tsample":
+        recipe = str(tmp_path / "tsample.yaml")
+        Path(recipe).write_text("ops:\n  - op: TemporalSample\n    stride: 2\n")
+    code, out, err = _run_video(capsys, "--video", str(clip24), "--model", str(saved_qwen), "--recipe", recipe, *frames)
+    assert code == 0, err
+    n_tok = len(base.split())
+    assert f"video: {clip24}: frames used: {2 * n_tok} of" in out and f"{n_tok} token frames" in out
+    assert _row(out, "tokens per frame") == base.split() + reduced.split()
+    assert _row(out, "visual tokens") == visual
+    if "--frames" in frames and frames[1] == "7":
+        assert "frames used: 6 of 7 sampled" in out  # Qwen drops the odd last frame
+
+
+def test_run_video_errors(capsys, saved_qwen, clip24, tmp_path):
+    code, _, err = _run_video(capsys, "--video", str(tmp_path / "missing.mp4"))
+    assert code == 2 and "video file not found" in err
+    code, _, err = _run_video(capsys, "--video", str(clip24), "--frames", "4", "--fps", "2")
+    assert code == 2 and "exactly one of num_frames" in err
+    code, _, err = _run_video(capsys, "--image", str(clip24), "--frames", "4")
+    assert code == 2 and "--frames and --fps apply to --video" in err
+    code, _, err = _run_video(capsys, "--video", str(clip24), "--model", str(saved_qwen), "--recipe", "quota")
+    assert code == 2 and "QuoTA needs the question text (OpContext.query)" in err
+
+
+# ------------------------------------------------------------------------------------------------ vtr bench video-speed
+def test_bench_video_speed_runs_on_tiny_settings(tmp_path, capsys):
+    """The benchmark runs end to end (figures are not checked: timings here are noise)."""
+    import json
+
+    from vtr.cli import main
+
+    out = tmp_path / "out"
+    argv = ["bench", "video-speed", "--llm", "tiny", "--vision", "tiny", "--frames", "8", "--size", "56"]
+    argv += ["--decode-seconds", "1", "--decode-frames", "4", "--repeats", "1", "--quota-scorer", "constant"]
+    assert main([*argv, "--out", str(out)]) == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["decoding"]["sampled_frames"] == 4 and result["decoding"]["file_frames"] == 30
+    runs = result["prefill"]["runs"]
+    assert runs["baseline"]["visual_tokens"] == 16  # 4 temporal steps of a 2x2 merged grid
+    assert runs["storm"]["visual_tokens"] == 4 and runs["quota"]["visual_tokens"] == 4
+    assert (out / "prefill.png").is_file() and "| quota | 4 |" in (out / "results.md").read_text()
+
+
+# ------------------------------------------------------------------------------------------------ bundled clips
+ASSET_VIDEOS = sorted(
+    p for p in (Path(__file__).resolve().parents[1] / "assets" / "videos").glob("*") if p.suffix in (".mp4", ".mkv")
+)
+
+
+@pytest.mark.skipif(not ASSET_VIDEOS, reason="no sample clips in assets/videos/ yet (they come with the bundled model)")
+def test_run_bundled_clip_offline(capsys):
+    """``vtr run --video assets/videos/<clip> --recipe storm`` works offline with the bundled video model."""
+    code, out, err = _run_video(capsys, "--video", str(ASSET_VIDEOS[0]), "--recipe", "storm")
+    assert code == 0, err
+    base, reduced = _row(out, "visual tokens")[:2]
+    assert int(reduced) < int(base)
+    assert "tokens per frame" in out and "frames used" in out

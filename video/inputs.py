@@ -9,20 +9,26 @@ duplicated, so every token shows a real frame).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
 from vtr.video.io import Clip, VideoError
 
-__all__ = ["frames_per_step", "usable_frames", "video_inputs", "video_messages"]
+__all__ = ["frames_per_step", "tokens_per_frame", "usable_frames", "video_inputs", "video_messages"]
 
 
 def frames_per_step(processor) -> int:
     """Input frames per temporal token step of ``processor``'s video processor (Qwen: 2, LLaVA-OneVision: 1)."""
     vp = getattr(processor, "video_processor", None)
     if vp is None:
-        raise ValueError(f"{type(processor).__name__} has no video processor: the model does not take videos")
+        raise ValueError(
+            f"{type(processor).__name__} has no video processor: the model does not take videos "
+            "(video families: Qwen2-VL, Qwen2.5-VL, LLaVA-OneVision)"
+        )
     return int(getattr(vp, "temporal_patch_size", None) or 1)
 
 
@@ -109,3 +115,16 @@ def video_inputs(processor, clips: Sequence[Clip], prompts: Sequence[str]):
                 f"got {counts} frames for {[c.path for c in clips]}: read them with the same num_frames"
             ) from exc
         raise
+
+
+def tokens_per_frame(layout, kept: Sequence[int]) -> list[int]:
+    """Tokens per frame group of one video: ``layout`` is its :class:`~vtr.tokens.ImageLayout`, ``kept`` the
+    original indices within it that reach the LLM (e.g. ``Report.kept``; a pooled token counts at its
+    representative's frame). Rows beyond the frame grids (a closing newline) are not counted."""
+    ends = list(itertools.accumulate(t * h * w for t, h, w in layout.grids))
+    counts = [0] * len(ends)
+    for i in kept:
+        g = bisect.bisect_right(ends, int(i))
+        if g < len(counts):
+            counts[g] += 1
+    return counts

@@ -155,7 +155,7 @@ def _open(path: Path):
 def _decord_error(path: Path, exc: Exception) -> VideoError:
     text = str(exc)
     if str(_AVERROR_DECODER_NOT_FOUND) in text:
-        return VideoError(path, "unsupported codec: the FFmpeg inside decord has no decoder for the video stream of")
+        return VideoError(path, "unsupported codec (the FFmpeg inside decord has no decoder for this video stream)")
     if str(_AVERROR_STREAM_NOT_FOUND) in text or "cannot find video stream" in text:
         return VideoError(
             path, "no decodable video frames (no video stream, a video stream with zero frames, or a truncated file)"
@@ -207,8 +207,11 @@ def read_video(
     if total == 0:
         raise VideoError(p, "video has zero frames")
     avg_fps = float(reader.get_avg_fps())
-    stamps = np.asarray(reader.get_frame_timestamp(list(range(total))), dtype=np.float64).reshape(total, 2)
+    stamps = np.asarray(reader.get_frame_timestamp(np.arange(total)), dtype=np.float64).reshape(total, 2)
     starts = stamps[:, 0]
+    if bool((np.diff(starts) < 0).any()):
+        # Presentation times out of order (broken timestamps): sample by frame number at the average rate.
+        starts = np.arange(total) / max(avg_fps, 1e-9)
     duration = float(stamps[-1, 1]) if stamps[-1, 1] > 0 else total / max(avg_fps, 1e-9)
     idx = sample_indices(starts, num_frames=num_frames, fps=fps, max_frames=max_frames, start=start, end=end)
     try:

@@ -188,7 +188,7 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
     path = Path(text)
     if not path.is_file():
         raise FileNotFoundError(f"recipe file not found: {text} (named recipes: {', '.join(names())})")
-    data = yaml.safe_load(path.read_text())
+    data = _safe_load(path)
     if not isinstance(data, dict):
         raise ValueError(f"{path}: a recipe file must hold a mapping, got {type(data).__name__}")
     unknown = sorted(set(data) - set(_TOP_KEYS))
@@ -218,6 +218,17 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         name=data.get("name", path.stem),
         description=data.get("description", ""),
     )
+
+
+def _safe_load(path: Path) -> Any:
+    """``yaml.safe_load`` of ``path``; a YAML error becomes a ``ValueError`` naming the file and the line."""
+    try:
+        return yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        what = "; ".join(str(p) for p in (getattr(err, "context", None), getattr(err, "problem", None)) if p)
+        raise ValueError(f"{path}: malformed YAML{where}: {what or err}") from err
 
 
 def _op_from_dict(entry: Any, path: Path, i: int) -> Operator:

@@ -1,20 +1,29 @@
-"""Max-min selection (DivPrune): Triton kernel vs torch fallback vs an official-style per-step loop.
+"""Max-min selection (DivPrune): Triton kernel vs torch fallback vs the official DivPrune loop.
 
 Each method is split into its similarity phase (normalisation, distances, seed) and its greedy phase
 (the ``K`` farthest-point steps). Medians over repeats; fp16 inputs on CUDA, fp32 on CPU.
 
-    vtr bench kernels [--quick] [--repeats N] [--out bench_out/kernels]
+"official" is the selection loop of the official repository itself (github.com/vbdi/divprune,
+``LLaVA/llava/model/llava_arch.py``: ``pairwise_cosine_similarity`` and ``DivPrune``), compiled at run time
+from a checkout outside vtr, whose path is given by ``--official PATH`` or ``$VTR_DIVPRUNE_OFFICIAL``; its code is
+never copied into vtr. Without a checkout the row says so. "naive" is vtr's own loop written like it.
+
+    vtr bench kernels [--quick] [--repeats N] [--official PATH] [--out bench_out/kernels]
     python -m vtr.bench.kernels --quick
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
 import datetime as _dt
 import json
+import os
 import platform
 import statistics
+import sys
 import time
+import types
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from functools import partial
@@ -24,14 +33,27 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["FULL_SHAPES", "QUICK_SHAPES", "add_arguments", "naive_official_select", "run"]
+__all__ = [
+    "FULL_SHAPES",
+    "OFFICIAL_ENV",
+    "QUICK_SHAPES",
+    "add_arguments",
+    "load_official",
+    "naive_official_select",
+    "run",
+]
 
 #: (M tokens, K kept, D features): LLaVA-1.5 (576 -> 64 at 4096-d), LLaVA-NeXT-like (2880 -> 288),
 #: a long video (11520 -> 1152 at 1024-d).
 FULL_SHAPES = ((576, 64, 4096), (2880, 288, 4096), (11520, 1152, 1024))
 QUICK_SHAPES = ((256, 32, 128), (1024, 96, 128))
-METHODS = ("triton", "torch", "naive")
+METHODS = ("triton", "torch", "official", "naive")
 NA_NO_CUDA = "n/a (no CUDA)"
+#: Environment variable naming the official DivPrune checkout (the default of ``--official``).
+OFFICIAL_ENV = "VTR_DIVPRUNE_OFFICIAL"
+#: Where the official selection loop lives inside a checkout of github.com/vbdi/divprune.
+OFFICIAL_FILE = Path("LLaVA/llava/model/llava_arch.py")
+NA_NO_OFFICIAL = f"n/a (no official checkout: --official PATH or ${OFFICIAL_ENV})"
 
 
 @dataclass
@@ -58,6 +80,49 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, default=Path("bench_out/kernels"), help="folder for the JSON file")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
+    parser.add_argument(
+        "--official",
+        default=os.environ.get(OFFICIAL_ENV),
+        help=f"checkout of github.com/vbdi/divprune (or its {OFFICIAL_FILE}) to time the official loop "
+        f"(default: ${OFFICIAL_ENV})",
+    )
+
+
+def load_official(path: str | Path) -> types.SimpleNamespace:
+    """The official DivPrune selection, compiled from a checkout of github.com/vbdi/divprune.
+
+    Only the two methods the selection needs are taken from the official file (``pairwise_cosine_similarity``
+    and ``DivPrune``); they are compiled with ``torch`` in scope and bound to a stand-in ``self``, because the
+    file's module imports the whole official LLaVA package.
+
+    Args:
+        path: the checkout's root, or the ``llava_arch.py`` file itself.
+
+    Returns:
+        an object with the official ``pairwise_cosine_similarity(matrix)`` and ``DivPrune(x, m, cosine_matrix,
+        threshold_ratio) -> (picks, cosine_matrix)`` methods.
+
+    Raises:
+        FileNotFoundError / ValueError naming the path when the file or the methods are missing.
+    """
+    root = Path(path).expanduser()
+    src = root / OFFICIAL_FILE if root.is_dir() else root
+    if not src.is_file():
+        raise FileNotFoundError(
+            f"official DivPrune not found: {src} does not exist (expected a checkout of github.com/vbdi/divprune)"
+        )
+    wanted = ("pairwise_cosine_similarity", "DivPrune")
+    tree = ast.parse(src.read_text(), filename=str(src))
+    found = {n.name: n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name in wanted}
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise ValueError(f"{src}: no {', '.join(missing)} method: not the official DivPrune llava_arch.py")
+    namespace: dict[str, Any] = {"torch": torch}
+    exec(compile(ast.Module(body=[found[n] for n in wanted], type_ignores=[]), str(src), "exec"), namespace)
+    official = types.SimpleNamespace(source=str(src))
+    for name in wanted:
+        setattr(official, name, types.MethodType(namespace[name], official))
+    return official
 
 
 def naive_official_select(x: Tensor, k: int) -> Tensor:
@@ -104,7 +169,9 @@ def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
     return (time.perf_counter() - t0) * 1e3, out
 
 
-def _phases(method: str, x: Tensor, k: int) -> tuple[Callable[[], Any], Callable[[Any], Tensor]]:
+def _phases(
+    method: str, x: Tensor, k: int, official: types.SimpleNamespace | None = None
+) -> tuple[Callable[[], Any], Callable[[Any], Tensor]]:
     """``(similarity(), greedy(state) -> picks)`` of one method."""
     from vtr.kernels import torch_impl
 
@@ -121,12 +188,26 @@ def _phases(method: str, x: Tensor, k: int) -> tuple[Callable[[], Any], Callable
         return (lambda: tri.maxmin_prepare(x)), (lambda st: tri.maxmin_greedy(st, k))
     if method == "naive":
         return (lambda: _naive_similarity(x)), (lambda dist: _naive_greedy(dist, k))
+    if method == "official" and official is not None:
+        # As in the official pipeline: the distance matrix first, then the loop on it (k / m rounds back to k).
+        return (
+            lambda: 1.0 - official.pairwise_cosine_similarity(x),
+            lambda dist: official.DivPrune(x, m, cosine_matrix=dist, threshold_ratio=k / m)[0],
+        )
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
 
 
-def _measure(method: str, x: Tensor, k: int, repeats: int, warmup: int, tick: Callable[[], None]) -> tuple:
+def _measure(
+    method: str,
+    x: Tensor,
+    k: int,
+    repeats: int,
+    warmup: int,
+    tick: Callable[[], None],
+    official: types.SimpleNamespace | None = None,
+) -> tuple:
     """Median similarity and greedy ms, their sum, and the picks of the last run."""
-    similarity, greedy = _phases(method, x, k)
+    similarity, greedy = _phases(method, x, k, official)
     sims, greedies = [], []
     picks = None
     for i in range(warmup + repeats):
@@ -155,17 +236,19 @@ def _fmt(v: float | None) -> str:
 
 
 def markdown_table(rows: list[Row]) -> str:
-    """Markdown table of ``rows`` with the speed-up of each method over the naive loop."""
-    naive = {(r.m, r.k, r.d): r.total_ms for r in rows if r.method == "naive"}
+    """Markdown table of ``rows`` with the speed-up of each method over the official loop (over the naive one
+    when the official loop was not run)."""
+    ref = "official" if any(r.method == "official" and r.total_ms is not None for r in rows) else "naive"
+    baseline = {(r.m, r.k, r.d): r.total_ms for r in rows if r.method == ref}
     lines = [
-        "| M | K | D | method | similarity (ms) | greedy (ms) | total (ms) | vs naive | same picks as fallback |",
+        f"| M | K | D | method | similarity (ms) | greedy (ms) | total (ms) | vs {ref} | same picks as fallback |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         if r.total_ms is None:
-            cells = [r.note] * 4
+            cells = [r.note, "-", "-", "-"]
         else:
-            base = naive.get((r.m, r.k, r.d))
+            base = baseline.get((r.m, r.k, r.d))
             speed = f"{base / r.total_ms:.1f}x" if base and r.total_ms > 0 else "-"
             cells = [_fmt(r.similarity_ms), _fmt(r.greedy_ms), _fmt(r.total_ms), speed]
         same = "-" if r.same_picks_as_fallback is None else ("yes" if r.same_picks_as_fallback else "NO")
@@ -182,7 +265,10 @@ def run(args: argparse.Namespace) -> int:
     dtype = torch.float16 if on_cuda else torch.float32
     repeats = args.repeats if args.repeats is not None else (10 if on_cuda else 3)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
-    methods = [m for m in METHODS if on_cuda or m != "triton"]
+    official = load_official(args.official) if getattr(args, "official", None) else None
+    if official is None:
+        print(f"official DivPrune loop: not compared ({NA_NO_OFFICIAL})", file=sys.stderr)
+    methods = [m for m in METHODS if (on_cuda or m != "triton") and (official is not None or m != "official")]
     bar = tqdm(
         total=len(shapes) * len(methods) * (repeats + args.warmup), desc="kernels bench", disable=args.no_progress
     )
@@ -192,11 +278,13 @@ def run(args: argparse.Namespace) -> int:
         x = torch.randn(m, d, generator=gen).to(device=device, dtype=dtype)
         if not on_cuda:
             rows.append(Row(m, k, d, "triton", None, None, None, None, NA_NO_CUDA))
+        if official is None:
+            rows.append(Row(m, k, d, "official", None, None, None, None, NA_NO_OFFICIAL))
         picks: dict[str, Tensor] = {}
         timings: dict[str, tuple[float, float, float]] = {}
         for method in methods:
             bar.set_postfix_str(f"M={m} {method}")
-            *times, picks[method] = _measure(method, x, k, repeats, args.warmup, bar.update)
+            *times, picks[method] = _measure(method, x, k, repeats, args.warmup, bar.update, official)
             timings[method] = tuple(times)
         ref = picks["torch"].sort().values
         for method in methods:
@@ -206,7 +294,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     table = markdown_table(rows)
     print(table)
-    meta = _metadata(device, dtype, repeats, args)
+    meta = {**_metadata(device, dtype, repeats, args), "official": official.source if official is not None else None}
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / "kernels.json"
     path.write_text(json.dumps({**meta, "rows": [asdict(r) for r in rows], "table": table}, indent=2))

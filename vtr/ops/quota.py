@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -296,7 +296,8 @@ def parse_decoupled(text: str, max_objects: int = MAX_OBJECTS) -> list[str] | No
 # ------------------------------------------------------------------------------------------------ operator
 @dataclass
 class QuotaInfo:
-    """What QuoTA did to one video (written to ``OpContext.extras["quota"]``, a list, when present)."""
+    """What QuoTA did to one video (appended to ``report.details["quota"]`` through ``OpContext.extras["details"]``,
+    and to ``OpContext.extras["quota"]`` when that is a list)."""
 
     image: int
     query: str
@@ -317,12 +318,14 @@ class QuoTA(Operator):
     per video of the sample, in prompt order: the frames given to the processor, ``[F, H, W, 3]`` uint8 or
     ``[F, 3, H, W]`` float in [0, 1]; ``F`` a multiple of the video's token frames, e.g. 2 per Qwen temporal step,
     whose scores are averaged). The ``vlm`` scorer without its own model and the query decoupling use the
-    wrapped model: ``ctx.extras["model"]``, ``ctx.extras["processor"]`` and ``ctx.extras["unreduced"]`` (a
-    callable returning a context manager under which the wrapped model runs without reduction).
+    wrapped model: ``ctx.extras["model"]``, ``ctx.extras["processor"]`` (the decoupling also takes
+    ``ctx.extras["tokenizer"]``) and ``ctx.extras["unreduced"]`` (a callable returning a context manager under
+    which the wrapped model runs without reduction).
 
     Attributes:
         keep: each video's token budget, a ratio of its visual tokens or a count (default 1.0: the baseline
             count, spent unevenly).
+        scope: ``"image"`` only (the budget unit is each whole video).
         scorer: ``"vlm"`` (P(yes) of a VLM; default the wrapped model), ``"clip"`` (open_clip cosine),
             ``"constant"`` (equal scores: uniform budgets, an ablation), or a callable
             ``(frames, query, objects) -> [F]`` scores in [0, 1].
@@ -339,7 +342,11 @@ class QuoTA(Operator):
         decouple_tokens: max new tokens of the decoupling generation.
     """
 
+    #: The operator reads ``OpContext.query`` (the stage machinery then needs a tokenizer at ``wrap``).
+    needs_query: ClassVar[bool] = True
+
     keep: int | float = 1.0
+    scope: str = "image"
     scorer: str | Callable[..., Tensor] = "vlm"
     decouple: bool = True
     assigner: str = "bilinear"
@@ -355,6 +362,8 @@ class QuoTA(Operator):
 
     def validate(self) -> None:
         self.keep = validate_keep(self.keep, "QuoTA.keep")
+        if self.scope != "image":
+            raise ValueError(f"QuoTA budgets each whole video: scope must be 'image', got {self.scope!r}")
         if isinstance(self.scorer, str):
             if self.scorer not in ("vlm", "clip", "constant"):
                 raise ValueError(f"QuoTA.scorer must be 'vlm', 'clip', 'constant' or a callable, got {self.scorer!r}")
@@ -415,7 +424,9 @@ class QuoTA(Operator):
         from vtr.ops.quota_scorers import decouple_query
 
         model = self._needs(ctx, "model", "the wrapped model decouples the query (decouple=True)")
-        processor = self._needs(ctx, "processor", "the wrapped model's processor, for decouple=True")
+        processor = ctx.extras.get("processor") or self._needs(
+            ctx, "tokenizer", "the wrapped model's processor or tokenizer, for decouple=True"
+        )
         with self._unreduced(ctx):
             return decouple_query(model, processor, query, max_new_tokens=self.decouple_tokens)
 
@@ -510,4 +521,6 @@ class QuoTA(Operator):
             )
             if isinstance(ctx.extras.get("quota"), list):
                 ctx.extras["quota"].append(info)
+            if isinstance(ctx.extras.get("details"), dict):
+                ctx.extras["details"].setdefault("quota", []).append(info)
         return tokens.merge(assign, torch.cat(embeds), torch.cat(reps)).sorted()

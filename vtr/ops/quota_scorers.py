@@ -183,10 +183,19 @@ class ClipScorer:
 
 def decouple_query(model, processor, question: str, *, max_new_tokens: int = 96) -> list[str] | None:
     """Ask ``model`` (text only, greedy) to rewrite ``question`` into concrete objects; ``None`` means "use the
-    question" (the model said no objects are needed, or its answer did not parse)."""
-    messages = [{"role": "user", "content": [{"type": "text", "text": decouple_prompt(question)}]}]
-    text = processor.apply_chat_template(messages, add_generation_prompt=True)
-    inputs = _to_model(processor(text=[text], return_tensors="pt"), model)
+    question" (the model said no objects are needed, or its answer did not parse).
+
+    ``processor`` is the model's processor or just its tokenizer (text only either way).
+    """
+    prompt = decouple_prompt(question)
+    if hasattr(processor, "tokenizer"):  # a multimodal processor: typed content items
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = _to_model(processor(text=[text], return_tensors="pt"), model)
+    else:  # a tokenizer: plain string content
+        messages = [{"role": "user", "content": prompt}]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        inputs = _to_model(processor([text], return_tensors="pt", add_special_tokens=False), model)
     with torch.no_grad():
         out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
     answer = _tokenizer(processor).decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)

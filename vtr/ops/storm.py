@@ -47,6 +47,12 @@ def _acc(x: Tensor) -> torch.dtype:
     return torch.promote_types(x.dtype, torch.float32)
 
 
+def _check_scope(op: str, scope) -> None:
+    # The operators act on each whole video; "image" is vtr's name for that budget unit (per image/video).
+    if scope != "image":
+        raise ValueError(f"{op} acts on each whole video: scope must be 'image', got {scope!r}")
+
+
 def _factor(value, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
         raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -168,13 +174,16 @@ class TemporalPool(_FramePooling):
 
     A pooled frame takes the position of its group's first frame; ``T mod k`` frames form a shorter last group.
     ``keep`` (a ratio in (0, 1]) is the budget-matched form: it sets ``k = round(1 / keep)`` and replaces ``k``
-    (``vtr.wrap(model, "storm", keep=0.25)`` pools groups of 4). Acts on videos only; images pass through.
+    (``vtr.wrap(model, "storm", keep=0.25)`` pools groups of 4). Acts on videos only, each as a whole
+    (``scope="image"``, the only scope accepted); images pass through.
     """
 
     k: int = 4
     keep: float | None = None
+    scope: str = "image"
 
     def validate(self) -> None:
+        _check_scope(self.name, self.scope)
         _factor(self.k, f"{self.name}.k")
         if self.keep is not None and (
             isinstance(self.keep, bool) or not isinstance(self.keep, numbers.Real) or not 0.0 < float(self.keep) <= 1.0
@@ -209,8 +218,10 @@ class SpatialPool(_FramePooling):
     """
 
     p: int = 2
+    scope: str = "image"
 
     def validate(self) -> None:
+        _check_scope(self.name, self.scope)
         _factor(self.p, f"{self.name}.p")
 
     def is_identity(self) -> bool:
@@ -239,8 +250,10 @@ class TemporalSample(_FramePooling):
     """
 
     stride: int = 2
+    scope: str = "image"
 
     def validate(self) -> None:
+        _check_scope(self.name, self.scope)
         _factor(self.stride, f"{self.name}.stride")
 
     def is_identity(self) -> bool:
