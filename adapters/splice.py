@@ -177,8 +177,8 @@ class SpliceHooks:
             from vtr.adapters.vision import fold_vision_results
 
             batch = fold_vision_results(a, batch, spans, pending, input_ids, report)
-        a.metadata = {}
         contexts = self.contexts(spans, input_ids, mask, report)
+        a.metadata = {}  # consumed: the next call captures its own
         batch = reducer.pipeline.run("pre_llm", batch, contexts, report)
         state.tokens = [t.sorted() for t in batch]
         reducer.report = report

@@ -558,6 +558,15 @@ def _fold(batch, rows, pending, report):
             tokens.scores[name] = val
         tokens.sizes = sizes
         tokens.protected = protected
+        # Encoder provenance: the sequence within the row's image (its first sequence is 0) and the unit.
+        first = torch.zeros(n, dtype=torch.long)
+        for im in tokens.layout:
+            sl = slice(im.offset, im.offset + im.n_tokens)
+            mine = from_tower[sl]
+            if bool(mine.any()):
+                first[sl] = seq[sl][mine].min()
+        tokens.encoder = torch.stack([torch.where(from_tower, seq - first, -1), torch.where(from_tower, unit, -1)], 1)
+        tokens.encoder = tokens.encoder.to(dev)
         rows_idx = torch.arange(n, device=dev)
         if bool((from_tower & (owner_unit >= 0) & (owner_unit != rows_idx)).any()):
             tokens.owner = torch.where(from_tower, owner_unit, rows_idx)

@@ -146,3 +146,44 @@ def test_several_new_tokens_on_a_reduced_cache_raise(llava, make_inputs):
         nxt = model(input_ids=torch.tensor([[7]]), cache=out.cache).logits
     assert nxt.shape == (1, 1, model.config.text_config.vocab_size)
     greedy(model, inputs, n=2)
+
+
+@pytest.mark.parametrize(
+    ("family", "case"), [("internvl", "image-b1"), ("llava_next", "image-b1"), ("llava", "multi-b1")]
+)
+def test_vision_stage_records_encoder_provenance(family, case):
+    """After the vision stage each LLM row knows its encoder sequence within the image and its unit: InternVL's
+    thumbnail is the last tile, LLaVA-NeXT's base view is sequence 0 and newline rows come from no unit."""
+    from test_signals import RecordScores
+
+    model, processor = model_and_processor(family)
+    inputs = build_inputs(processor, family_cases(FAMILIES[family])[case])
+    seen = []
+
+    @dataclass
+    class Grab(RecordScores):
+        def apply(self, tokens, ctx):
+            seen.append(tokens)
+            return tokens
+
+    vtr.wrap(model, Grab(wanted=("mean_received@0",)))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+    finally:
+        vtr.unwrap(model)
+    (tokens,) = seen
+    for im in tokens.layout:
+        enc = tokens.encoder[(tokens.image == tokens.image[im.offset]).nonzero().flatten()]
+        grid_rows = sum(t * h * w for t, h, w in im.grids)
+        if family == "internvl":
+            per_tile = im.grids[0][1] * im.grids[0][2]
+            assert enc[:, 0].tolist() == [i // per_tile for i in range(im.n_tokens)]
+            assert enc[:, 1].tolist() == [i % per_tile for i in range(im.n_tokens)]
+        elif family == "llava":
+            assert enc[:, 0].tolist() == [0] * im.n_tokens and enc[:, 1].tolist() == list(range(im.n_tokens))
+        else:
+            g = im.grids[0][1]
+            assert enc[: g * g, 0].tolist() == [0] * (g * g) and enc[: g * g, 1].tolist() == list(range(g * g))
+            assert bool((enc[g * g : grid_rows, 0] >= 1).all())  # canvas rows come from the AnyRes tiles
+            assert bool((enc[grid_rows:] == -1).all())  # newline rows

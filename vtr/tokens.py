@@ -51,6 +51,10 @@ class VisualTokens:
             form of the sources keeps memory O(N_orig) for long videos; :meth:`source_matrix` gives the
             dense ``[N, N_orig]`` view on demand.
         layout: per-image static layout, shared by all stages.
+        encoder: ``[N, 2]`` long or ``None``: where each row came from in the vision encoder — the encoder
+            sequence within its image (tile / frame: 0 = LLaVA-NeXT's base view, InternVL's crops then the
+            thumbnail last) and the unit index in that sequence (``-1`` for rows from no unit, e.g. newlines).
+            Filled when the vision stage ran (vision operators or vision signals).
     """
 
     embeds: Tensor
@@ -63,6 +67,7 @@ class VisualTokens:
     layout: tuple[ImageLayout, ...]
     scores: dict[str, Tensor] = field(default_factory=dict)
     owner: Tensor | None = None
+    encoder: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.embeds.shape[0]
@@ -77,6 +82,8 @@ class VisualTokens:
         for name, s in self.scores.items():
             if s.shape[0] != n:
                 raise ValueError(f"score {name!r} has {s.shape[0]} rows for {n} tokens")
+        if self.encoder is not None and self.encoder.shape != (n, 2):
+            raise ValueError(f"VisualTokens.encoder must have shape ({n}, 2), got {tuple(self.encoder.shape)}")
         if self.owner is not None and self.owner.shape != (self.n_orig,):
             raise ValueError(f"VisualTokens.owner must have shape ({self.n_orig},), got {tuple(self.owner.shape)}")
 
@@ -136,6 +143,7 @@ class VisualTokens:
             protected=self.protected[idx],
             scores={k: v[idx] for k, v in self.scores.items()},
             owner=None if self.owner is None else _reindex_owner(self.owner, idx, len(self)),
+            encoder=None if self.encoder is None else self.encoder[idx],
         )
 
     def sorted(self) -> VisualTokens:
@@ -176,6 +184,7 @@ class VisualTokens:
             protected=torch.cat([p.protected for p in parts]),
             scores={k: torch.cat([p.scores[k] for p in parts]) for k in keys},
             owner=owner,
+            encoder=torch.cat([p.encoder for p in parts]) if all(p.encoder is not None for p in parts) else None,
         )
 
     def merge(self, assign: Tensor, embeds: Tensor, rep: Tensor, sizes: Tensor | None = None) -> VisualTokens:
@@ -240,6 +249,7 @@ class VisualTokens:
             protected=protected,
             scores=scores,
             owner=owner,
+            encoder=None if self.encoder is None else self.encoder[rep],
         )
 
     def owner_map(self) -> Tensor:
