@@ -169,7 +169,7 @@ class SpliceHooks:
         pos = pos.expand(*pos.shape[:-2], bsz, length) if pos.shape[-2] == 1 else pos
 
         spans, expand = a.expanded_batch_spans(input_ids)
-        report = Report(original_tokens=[len(s.seq_pos) for s in spans])
+        report = Report(original_tokens=[len(s.seq_pos) for s in spans], layouts=[s.layout for s in spans])
         state = CallState(report=report, spans=spans, expand=expand)
         batch = [VisualTokens.from_layout(embeds[b, s.seq_pos], s.layout) for b, s in enumerate(spans)]
         pending, a.calls.pending = a.calls.pending, []

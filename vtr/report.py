@@ -51,6 +51,8 @@ class Report:
     layer_tokens: list[list[int]] = field(default_factory=list)
     #: Per sample: KV-cache bytes each LLM layer holds after prefill (valid rows, text included).
     kv_bytes: list[list[int]] = field(default_factory=list)
+    #: Per sample: the layout of its images/videos (grids per tile or frame), for overlays and per-frame counts.
+    layouts: list[tuple] = field(default_factory=list)
     #: Operator-specific details by operator kind (e.g. ``"quota"``: frame scores and budgets per video).
     details: dict[str, list] = field(default_factory=dict)
 
