@@ -78,11 +78,7 @@ class VisionInfo:
         has_cls: the encoder prepends a CLS token (CLS-attention signals are available).
         feature_layer: hidden-state index the projector reads (LLaVA: -2; ``None``: the last block).
         attention: ``"full"`` (one image/tile per sequence), ``"varlen"`` (several images packed with
-            ``cu_seqlens``, Qwen2-VL) or ``"window+full"`` (Qwen2.5-VL: window attention except in
-            ``full_attention_blocks``).
-        full_attention_blocks: blocks with full attention when ``attention == "window+full"``.
-        unit_order: how rows are ordered before the LLM: ``"raster"`` (row-major grid) or
-            ``"merge_blocks"`` (Qwen: the encoder sees patches grouped by 2x2 unit).
+            ``cu_seqlens``, Qwen2-VL) or ``"window+full"`` (Qwen2.5-VL: window attention in most blocks).
     """
 
     encoder: str
@@ -94,8 +90,6 @@ class VisionInfo:
     has_cls: bool = False
     feature_layer: int | None = None
     attention: str = "full"
-    full_attention_blocks: tuple[int, ...] = ()
-    unit_order: str = "raster"
 
     @property
     def feature_block(self) -> int:

@@ -74,8 +74,6 @@ class Qwen2VLAdapter(Adapter):
             has_cls=False,
             feature_layer=None,
             attention="window+full" if window else "varlen",
-            full_attention_blocks=tuple(int(i) for i in vc.fullatt_block_indexes) if window else (),
-            unit_order="merge_blocks",
         )
 
     def tower(self) -> TowerFacts:

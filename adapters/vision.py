@@ -136,6 +136,9 @@ class TowerResult:
     grids: list[tuple[int, int]]
     records: list[tuple[str, Tensor, float]] = field(default_factory=list)
     kind: str = "image"  # "image" or "video": which feature method encoded it
+    #: Per encoder block: ``(tokens entering its attention, tokens entering its MLP)`` per sequence, ``[S]`` each
+    #: (prefix tokens included); blocks before the runner took over saw every token.
+    block_tokens: list[tuple[Tensor, Tensor]] = field(default_factory=list)
 
 
 class VisionHooks:
@@ -285,6 +288,8 @@ class _Run:
     def _start(self, x_native: Tensor, kwargs: dict[str, Any]) -> None:
         """Native layout -> runner layout; builds the initial TowerTokens state."""
         f = self.facts
+        full = torch.tensor([f.prefix + h * w for h, w in self.patch_grids])
+        self.block_tokens = {b: (full, full) for b in range(len(f.blocks))}
         k, p = f.k, f.prefix
         dev = x_native.device
         units = [f.unit_patches(g).to(dev) for g in self.patch_grids]  # [U_s, k]
@@ -350,6 +355,7 @@ class _Run:
             rows = self._row_index() - self.facts.prefix
             cos = torch.gather(self.cos0, 1, rows.unsqueeze(-1).expand(-1, -1, self.cos0.shape[-1]))
             sin = torch.gather(self.sin0, 1, rows.unsqueeze(-1).expand(-1, -1, self.sin0.shape[-1]))
+        n_in = self.tokens.valid.sum(1) * self.facts.k + self.facts.prefix
         h = parts.norm1(x)
         q, k, v = parts.qkv(h, cos, sin)
         bias = self._key_bias(valid, x.dtype)
@@ -363,6 +369,7 @@ class _Run:
         if ops:
             keys = k.mean(1)  # [S, L, d], ToMe's metric: keys averaged over heads
             x = self._apply(ops, x, i, "mid", keys)
+        self.block_tokens[i] = (n_in, self.tokens.valid.sum(1) * self.facts.k + self.facts.prefix)
         m = parts.mlp(parts.norm2(x))
         x = x + (parts.ls2(m) if parts.ls2 is not None else m)
         ops = self.hooks.points.get((i, "post"))
@@ -475,7 +482,8 @@ class _Run:
     def finish(self) -> None:
         t = self.tokens
         t.x = t.x[:, :, :0]
-        self.hooks.adapter.on_tower_result(TowerResult(t, list(self.unit_grids), self.records, self.kind))
+        blocks = [self.block_tokens[b] for b in sorted(self.block_tokens)]
+        self.hooks.adapter.on_tower_result(TowerResult(t, list(self.unit_grids), self.records, self.kind, blocks))
 
 
 # ---------------------------------------------------------------------- folding into LLM rows
@@ -571,6 +579,7 @@ def _fold(batch, rows, pending, report):
         if bool((from_tower & (owner_unit >= 0) & (owner_unit != rows_idx)).any()):
             tokens.owner = torch.where(from_tower, owner_unit, rows_idx)
         kept = tokens.take(keep.nonzero().flatten())
+        report.details.setdefault("tower_tokens", []).append(_sample_block_tokens(pending, res_id, seq))
         records = _op_records(pending, res_id, seq, extra=int((res_id < 0).sum()))
         prev = n
         for i, (name, count, seconds) in enumerate(records):
@@ -582,6 +591,21 @@ def _fold(batch, rows, pending, report):
                 )
             prev = count
         out.append(kept)
+    return out
+
+
+def _sample_block_tokens(pending: list[TowerResult], res_id: Tensor, seq: Tensor) -> list[tuple[int, int]]:
+    """Per encoder block: the tokens the sample's sequences had entering its attention and its MLP."""
+    used = {(int(a), int(b)) for a, b in zip(res_id.tolist(), seq.tolist(), strict=True) if a >= 0}
+    out: list[tuple[int, int]] = []
+    for ri, res in enumerate(pending):
+        for b, (n_in, n_mid) in enumerate(res.block_tokens):
+            a = sum(int(n_in[s]) for (r, s) in used if r == ri)
+            m = sum(int(n_mid[s]) for (r, s) in used if r == ri)
+            if b < len(out):
+                out[b] = (out[b][0] + a, out[b][1] + m)
+            else:
+                out.append((a, m))
     return out
 
 
