@@ -252,6 +252,31 @@ def _qwen_ids(tokenizer) -> dict:
     )
 
 
+def _tiny_qwen(
+    config_cls,
+    model_cls,
+    processor_cls,
+    vision: dict,
+    *,
+    patch_size,
+    max_side,
+    text_hidden,
+    text_layers,
+    seed,
+    attn_implementation,
+    words,
+):
+    """The part both Qwen factories share: tokenizer, M-RoPE text config, processors, build."""
+    tokenizer = qwen_tokenizer(words)
+    config = config_cls(
+        vision_config=dict(vision, num_heads=4, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2),
+        text_config=_qwen_text(tokenizer, text_hidden, text_layers),
+        **_qwen_ids(tokenizer),
+    )
+    processor = _qwen_processor(processor_cls, tokenizer, patch_size, max_side)
+    return build(model_cls, config, tokenizer, processor, seed=seed, attn_implementation=attn_implementation)
+
+
 def tiny_qwen2_vl(
     *,
     patch_size: int = 4,
@@ -272,29 +297,19 @@ def tiny_qwen2_vl(
     """
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
-    tokenizer = qwen_tokenizer(words)
-    config = Qwen2VLConfig(
-        vision_config=dict(
-            depth=vision_layers,
-            embed_dim=vision_hidden,
-            hidden_size=text_hidden,
-            num_heads=4,
-            patch_size=patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            mlp_ratio=2,
-        ),
-        text_config=_qwen_text(tokenizer, text_hidden, text_layers),
-        **_qwen_ids(tokenizer),
-    )
-    processor = _qwen_processor(Qwen2VLProcessor, tokenizer, patch_size, max_side)
-    return build(
+    vision = dict(depth=vision_layers, embed_dim=vision_hidden, hidden_size=text_hidden, mlp_ratio=2)
+    return _tiny_qwen(
+        Qwen2VLConfig,
         Qwen2VLForConditionalGeneration,
-        config,
-        tokenizer,
-        processor,
+        Qwen2VLProcessor,
+        vision,
+        patch_size=patch_size,
+        max_side=max_side,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
         seed=seed,
         attn_implementation=attn_implementation,
+        words=words,
     )
 
 
@@ -318,32 +333,27 @@ def tiny_qwen2_5_vl(
     """
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
-    tokenizer = qwen_tokenizer(words)
-    config = Qwen2_5_VLConfig(
-        vision_config=dict(
-            depth=vision_layers,
-            hidden_size=vision_hidden,
-            intermediate_size=vision_hidden * 2,
-            num_heads=4,
-            out_hidden_size=text_hidden,
-            patch_size=patch_size,
-            spatial_merge_size=2,
-            temporal_patch_size=2,
-            window_size=window_units * 2 * patch_size,
-            fullatt_block_indexes=[vision_layers - 1],
-            tokens_per_second=2,
-        ),
-        text_config=_qwen_text(tokenizer, text_hidden, text_layers),
-        **_qwen_ids(tokenizer),
+    vision = dict(
+        depth=vision_layers,
+        hidden_size=vision_hidden,
+        intermediate_size=vision_hidden * 2,
+        out_hidden_size=text_hidden,
+        window_size=window_units * 2 * patch_size,
+        fullatt_block_indexes=[vision_layers - 1],
+        tokens_per_second=2,
     )
-    processor = _qwen_processor(Qwen2_5_VLProcessor, tokenizer, patch_size, max_side)
-    return build(
+    return _tiny_qwen(
+        Qwen2_5_VLConfig,
         Qwen2_5_VLForConditionalGeneration,
-        config,
-        tokenizer,
-        processor,
+        Qwen2_5_VLProcessor,
+        vision,
+        patch_size=patch_size,
+        max_side=max_side,
+        text_hidden=text_hidden,
+        text_layers=text_layers,
         seed=seed,
         attn_implementation=attn_implementation,
+        words=words,
     )
 
 
