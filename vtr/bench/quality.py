@@ -47,7 +47,7 @@ def prepare_batches(processor, samples: Sequence[synthqa.Sample], batch_size: in
     """Processor inputs (left-padded, chat template) for ``samples`` in batches of ``batch_size``."""
     out = []
     for i in range(0, len(samples), batch_size):
-        chunk = samples[i : i + batch_size]
+        chunk = samples[i: i + batch_size]
         texts = [
             processor.apply_chat_template(synthqa.prompt_messages(s.question), add_generation_prompt=True)
             for s in chunk
@@ -88,7 +88,7 @@ def evaluate(
     done = 0
     for inputs in batches:
         n = inputs["input_ids"].shape[0]
-        chunk = samples[done : done + n]
+        chunk = samples[done: done + n]
         feed = {k: v.to(device) for k, v in inputs.items()}
         feed["pixel_values"] = feed["pixel_values"].to(dtype)
         logits = model(**feed, logits_to_keep=1).logits[:, -1].float()
@@ -191,10 +191,8 @@ def run(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.model is None and not (bundled_model_dir() / "config.json").is_file():
-        print(
-            f"error: the bundled model is missing ({bundled_model_dir()}); train it with "
-            "scripts/train_tiny_vqa.py or pass --model"
-        )
+        print(f"error: the bundled model is missing ({bundled_model_dir()}); train it with "
+              "scripts/train_tiny_vqa.py or pass --model")
         return 2
     model, processor = load_model(args.model)
     try:
@@ -252,9 +250,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m vtr.bench.quality", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(prog="python -m vtr.bench.quality", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 
