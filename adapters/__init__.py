@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from torch import nn
-from vtr.adapters.base import Adapter, SpliceAdapter, VisionInfo, VisualSpans
+
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans
 from vtr.adapters.internvl import InternVLAdapter
 from vtr.adapters.llava import LlavaAdapter
 from vtr.adapters.llava_next import LlavaNextAdapter
 from vtr.adapters.llava_onevision import LlavaOnevisionAdapter
 from vtr.adapters.qwen2_vl import Qwen2VLAdapter
+from vtr.adapters.timm_vit import TimmViTAdapter
 
 __all__ = [
     "ADAPTERS",
@@ -18,10 +20,11 @@ __all__ = [
     "LlavaNextAdapter",
     "LlavaOnevisionAdapter",
     "Qwen2VLAdapter",
-    "SpliceAdapter",
+    "TimmViTAdapter",
     "VisionInfo",
     "VisualSpans",
     "adapter_for",
+    "family_options",
     "supported_classes",
 ]
 
@@ -31,7 +34,13 @@ ADAPTERS: list[type[Adapter]] = [
     LlavaOnevisionAdapter,
     Qwen2VLAdapter,
     InternVLAdapter,
+    TimmViTAdapter,
 ]
+
+
+def family_options() -> tuple[str, ...]:
+    """Names of the family-only wrap options any adapter accepts (e.g. ``drop_newlines``)."""
+    return tuple(dict.fromkeys(o for a in ADAPTERS for o in a.options))
 
 
 def supported_classes() -> list[str]:

@@ -21,15 +21,18 @@ from __future__ import annotations
 import itertools
 from typing import ClassVar
 
+import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans
 
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans
+from vtr.adapters.towers import internvit_parts
+from vtr.adapters.vision import TowerFacts, image_rows, pixel_grids
 from vtr.tokens import ImageLayout
 
 __all__ = ["InternVLAdapter"]
 
 
-class InternVLAdapter(SpliceAdapter):
+class InternVLAdapter(Adapter):
     """Layout per image: one ``(1, g, g)`` group per tile in model order (crops, then the thumbnail)."""
 
     name: ClassVar[str] = "InternVL"
@@ -70,6 +73,31 @@ class InternVLAdapter(SpliceAdapter):
             feature_layer=int(self.model.config.vision_feature_layer),
             attention="full",
         )
+
+    def tower(self) -> TowerFacts:
+        info = self.vision_info
+        g = self.grid * 2  # patches per tile side
+
+        def units(grid: tuple[int, int]) -> torch.Tensor:
+            # The model's own pixel shuffle applied to patch indices: each unit's 4 patches, in the order their
+            # features are concatenated.
+            idx = torch.arange(grid[0] * grid[1], dtype=torch.float32).view(1, grid[0], grid[1], 1)
+            shuffled = self.model.model.pixel_shuffle(idx, scale_factor=self.model.config.downsample_ratio)
+            return shuffled.reshape(-1, 4).long()
+
+        del g
+        return TowerFacts(
+            info=info,
+            encoder=self.model.model.vision_tower,
+            blocks=self.vision_blocks(),
+            parts=internvit_parts,
+            prefix=1,
+            sequences=pixel_grids(info.patch_size),
+            unit_patches=units,
+        )
+
+    def tower_rows(self, spans, results):
+        return image_rows(spans, results, "image", lambda im: [(self.tokens_per_tile, len(im.grids))])
 
     @staticmethod
     def thumbnail_group(layout: ImageLayout) -> int | None:

@@ -6,14 +6,16 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
 
+from vtr.adapters.base import Adapter, VisionInfo, VisualSpans, tower_vision_info
+from vtr.adapters.towers import clip_parts, patch_units
+from vtr.adapters.vision import TowerFacts, image_rows, pixel_grids
 from vtr.tokens import ImageLayout
 
 __all__ = ["LlavaAdapter"]
 
 
-class LlavaAdapter(SpliceAdapter):
+class LlavaAdapter(Adapter):
     """Each ``<image>`` expands to ``grid * grid`` rows (CLS dropped by the ``default`` strategy).
 
     Spans are runs of the image token in ``input_ids``; adjacent images are split by the fixed
@@ -41,6 +43,21 @@ class LlavaAdapter(SpliceAdapter):
     @property
     def vision_info(self) -> VisionInfo:
         return tower_vision_info(self.model, has_cls=True)
+
+    def tower(self) -> TowerFacts:
+        info = self.vision_info
+        return TowerFacts(
+            info=info,
+            encoder=self.model.model.vision_tower,
+            blocks=self.vision_blocks(),
+            parts=clip_parts,
+            prefix=1,
+            sequences=pixel_grids(info.patch_size),
+            unit_patches=patch_units,
+        )
+
+    def tower_rows(self, spans, results):
+        return image_rows(spans, results, "image", lambda im: [(self.tokens_per_image, 1)])
 
     def visual_spans(self, input_ids: Tensor) -> VisualSpans:
         seq_pos = torch.nonzero(input_ids == self.image_token_id, as_tuple=False).flatten()

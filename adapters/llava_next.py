@@ -9,24 +9,22 @@ kwargs and from ``get_image_features`` (which ``generate`` calls before the firs
 Layout per image: groups ``(1, g, g)`` (base view) and ``(1, H', W')`` (tiles), then the ``H'``
 newline rows as extra rows of the tile group. With ``drop_newlines=False`` (default) newline rows are
 ordinary candidates of the image's budget; with ``drop_newlines=True`` they are removed from the LLM
-input before any operator runs and not counted. Set it with ``LlavaNextAdapter(model,
-drop_newlines=True)``, on a wrapped model with ``model.vtr.adapter.drop_newlines = True``, or through
-a recipe attribute ``drop_newlines`` (read at install time when present).
+input before any operator runs and not counted. It is a family option: ``vtr.wrap(model, recipe,
+drop_newlines=True)`` or ``options: {drop_newlines: true}`` in a YAML recipe; this adapter validates it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, SpliceAdapter, VisionInfo, VisualSpans, tower_vision_info
 
+from vtr.adapters.base import Adapter, MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
+from vtr.adapters.towers import clip_parts, patch_units
+from vtr.adapters.vision import TowerFacts, check_sequences_used, pixel_grids
 from vtr.tokens import ImageLayout
-
-if TYPE_CHECKING:  # pragma: no cover
-    from vtr.api import Reducer
 
 __all__ = ["LlavaNextAdapter", "SpanPart", "anyres_rows", "pack_parts"]
 
@@ -87,11 +85,12 @@ def pack_parts(parts: list[SpanPart], drop_newlines: bool, empty: Tensor) -> Vis
     return VisualSpans(seq_pos=seq_pos, layout=tuple(layout), drop=torch.cat(drop) if drop else None)
 
 
-class LlavaNextAdapter(SpliceAdapter):
+class LlavaNextAdapter(Adapter):
     """AnyRes images (base view + unpadded tiles + newline rows), several per prompt."""
 
     name: ClassVar[str] = "LLaVA-NeXT"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
+    options: ClassVar[tuple[str, ...]] = ("drop_newlines",)
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     metadata_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes",)
     #: The ``vision_feature_select_strategy`` the layout assumes (``"default"``: CLIP's CLS row dropped).
@@ -112,15 +111,84 @@ class LlavaNextAdapter(SpliceAdapter):
         self.pinpoints = cfg.image_grid_pinpoints
         self.drop_newlines = bool(drop_newlines)
 
-    def install(self, reducer: Reducer) -> None:
-        opt = getattr(reducer.recipe, "drop_newlines", None)
-        if opt is not None:
-            self.drop_newlines = bool(opt)
-        super().install(reducer)
+    def set_options(self, recipe) -> None:
+        value = recipe.options.get("drop_newlines", False)
+        if not isinstance(value, bool):
+            raise TypeError(f"drop_newlines must be True or False, got {value!r}")
+        super().set_options(recipe)
 
     @property
     def vision_info(self) -> VisionInfo:
         return tower_vision_info(self.model, has_cls=True)
+
+    # ------------------------------------------------------------------ vision stage
+    def tower(self) -> TowerFacts:
+        info = self.vision_info
+        return TowerFacts(
+            info=info,
+            encoder=self.model.model.vision_tower,
+            blocks=self.vision_blocks(),
+            parts=clip_parts,
+            prefix=1 if info.has_cls else 0,
+            sequences=pixel_grids(info.patch_size),
+            unit_patches=patch_units,
+            refuse_video="the model pools every frame's full grid (use a pre_llm recipe for videos)",
+        )
+
+    def image_plan(self) -> list[tuple[tuple[int, int], bool]]:
+        """``(size, tiled)`` of every image of the call, in batch order (NeXT tiles every image)."""
+        sizes = self.metadata.get("image_sizes")
+        return [] if sizes is None else [((int(h), int(w)), True) for h, w in torch.as_tensor(sizes).tolist()]
+
+    def canvas_units(self, image_size: tuple[int, int]) -> tuple[int, Tensor]:
+        """``(tiles, codes)``: the encoder sequences of one tiled image (base view + AnyRes tiles), and for every
+        row of its unpadded canvas the code ``tile * g*g + unit`` of the patch it shows (``tile`` 0 = base view).
+
+        Computed by the model's own ``unpad_image`` on a canvas of codes, so it is exact by construction.
+        """
+        from transformers.models.llava_next.modeling_llava_next import get_anyres_image_grid_shape, unpad_image
+
+        g = self.grid
+        nph, npw = get_anyres_image_grid_shape(list(image_size), self.pinpoints, self.tile)
+        yy, xx = torch.meshgrid(torch.arange(nph * g), torch.arange(npw * g), indexing="ij")
+        tile = 1 + (yy // g) * npw + xx // g
+        codes = (tile * g * g + (yy % g) * g + xx % g).double().unsqueeze(0)
+        return 1 + nph * npw, unpad_image(codes, torch.as_tensor(image_size)).reshape(-1).long()
+
+    def tower_rows(self, spans, results):
+        plan = self.image_plan()
+        n_images = sum(im.kind == "image" for s in spans for im in s.layout)
+        if n_images != len(plan):
+            raise MetadataMismatch(f"{n_images} images in the LLM input, {len(plan)} in the captured image sizes")
+        which = [i for i, r in enumerate(results) if r.kind == "image"]
+        g2 = self.grid * self.grid
+        out, cursor, img = [], 0, 0
+        for s in spans:
+            n = len(s.seq_pos)
+            res, seq, unit = (torch.full((n,), -1, dtype=torch.long) for _ in range(3))
+            for im in s.layout:
+                if im.kind != "image":
+                    continue
+                size, tiled = plan[img]
+                img += 1
+                sl = slice(im.offset, im.offset + g2)
+                res[sl], seq[sl], unit[sl] = which[0], cursor, torch.arange(g2)
+                if not tiled:
+                    cursor += 1
+                    continue
+                tiles, codes = self.canvas_units(size)
+                _, hh, ww = im.grids[1]
+                if len(codes) != hh * ww:
+                    raise ValueError(
+                        f"vision-stage results cannot be placed on the {self.name} canvas of an image of size {size}: "
+                        f"the model resized it ({hh}x{ww} rows from {len(codes)} patches)"
+                    )
+                sl = slice(im.offset + g2, im.offset + g2 + hh * ww)
+                res[sl], seq[sl], unit[sl] = which[0], cursor + codes // g2, codes % g2
+                cursor += tiles
+            out.append((res, seq, unit))
+        check_sequences_used(results, which, cursor)
+        return out
 
     def image_rows(self, image_size: tuple[int, int]) -> tuple[int, int, int]:
         """``(base, H', W')`` of one image; its row count is ``base + H' * (W' + 1)``."""
@@ -141,7 +209,7 @@ class LlavaNextAdapter(SpliceAdapter):
         return SpanPart(grid_rows=grid_rows, newline_rows=newline_rows, grids=grids)
 
     def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
-        sizes = self._metadata.get("image_sizes")
+        sizes = self.metadata.get("image_sizes")
         if sizes is None:
             raise ValueError(
                 f"the {self.name} adapter needs `image_sizes` (from the processor) to lay out AnyRes tiles; "

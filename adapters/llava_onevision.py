@@ -36,6 +36,7 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
 from vtr.adapters.base import MetadataMismatch, VisionInfo, VisualSpans, tower_vision_info
 from vtr.adapters.llava_next import LlavaNextAdapter, SpanPart, pack_parts
 
@@ -102,35 +103,43 @@ class LlavaOnevisionAdapter(LlavaNextAdapter):
         base = self.grid * self.grid
         if not tiled:
             return base, 0, 0, 1
-        ratio = self._metadata.get("vision_aspect_ratio") or self.model.config.vision_aspect_ratio
+        ratio = self.metadata.get("vision_aspect_ratio") or self.model.config.vision_aspect_ratio
         h, w = onevision_canvas(image_size, self.pinpoints, self.tile, self.grid, str(ratio))
         return base, h, w, 0
 
-    def _image_plan(self) -> list[tuple[tuple[int, int], bool]]:
+    def image_plan(self) -> list[tuple[tuple[int, int], bool]]:
         """``(size, tiled)`` of every image of the call, in batch order (from the captured metadata)."""
-        sizes = self._metadata.get("image_sizes")
+        sizes = self.metadata.get("image_sizes")
         if sizes is None:
             return []
         rows = [(int(r[0]), int(r[1])) for r in torch.as_tensor(sizes).tolist()]
-        per_sample = self._metadata.get("batch_num_images")
+        per_sample = self.metadata.get("batch_num_images")
         if per_sample is None:
             return [(s, True) for s in rows]  # the model tiles every image when it is not told otherwise
         tiled = [int(n) == 1 for n in torch.as_tensor(per_sample).tolist() for _ in range(int(n))]
         if len(tiled) != len(rows):
-            raise ValueError(
-                f"`batch_num_images` counts {len(tiled)} images but `image_sizes` lists {len(rows)}"
-            )
+            raise ValueError(f"`batch_num_images` counts {len(tiled)} images but `image_sizes` lists {len(rows)}")
         return list(zip(rows, tiled, strict=True))
+
+    def video_frames(self, processor) -> list[Tensor]:
+        """Frames of every video of the call, un-normalised from ``pixel_values_videos`` ``[n, F, C, H, W]``."""
+        pv = self.metadata.get("pixel_values_videos")
+        if pv is None:
+            raise ValueError(f"the {self.name} adapter saw no `pixel_values_videos` in this call")
+        vp = getattr(processor, "video_processor", None) or processor.image_processor
+        mean = torch.tensor(vp.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(vp.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        return [(v.float() * std + mean).clamp(0, 1) for v in pv]
 
     def _video_frames(self) -> int | None:
         """Frames per video of the call (``pixel_values_videos`` is ``[n_videos, F, C, H, W]``)."""
-        pv = self._metadata.get("pixel_values_videos")
+        pv = self.metadata.get("pixel_values_videos")
         return None if pv is None else int(pv.shape[1])
 
     def batch_spans(self, input_ids: Tensor) -> list[VisualSpans]:
         """Spans of every sample: runs of ``<image>``/``<video>`` rows matched in order to the captured
         image sizes (images of the whole batch, sample after sample) and the video frame count."""
-        images = iter(self._image_plan())
+        images = iter(self.image_plan())
         frames = self._video_frames()
         q2 = self.video_grid * self.video_grid
         out = []

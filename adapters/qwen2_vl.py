@@ -24,14 +24,16 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from vtr.adapters.base import MetadataMismatch, SpliceAdapter, SpliceState, VisionInfo, VisualSpans
 
+from vtr.adapters.base import Adapter, MetadataMismatch, SpliceState, VisionInfo, VisualSpans
+from vtr.adapters.towers import qwen_vit_parts, unit_grid_2x2
+from vtr.adapters.vision import TowerFacts, image_rows
 from vtr.tokens import ImageLayout
 
 __all__ = ["Qwen2VLAdapter"]
 
 
-class Qwen2VLAdapter(SpliceAdapter):
+class Qwen2VLAdapter(Adapter):
     """Adapter for Qwen2-VL and Qwen2.5-VL: images and videos, several per prompt, M-RoPE positions.
 
     Layout per image: one group ``(1, h/2, w/2)`` in merge units; per video: ``t`` groups (one per
@@ -72,13 +74,65 @@ class Qwen2VLAdapter(SpliceAdapter):
             has_cls=False,
             feature_layer=None,
             attention="window+full" if window else "varlen",
-            full_attention_blocks=tuple(int(i) for i in vc.fullatt_block_indexes) if window else (),
-            unit_order="merge_blocks",
         )
+
+    def tower(self) -> TowerFacts:
+        info = self.vision_info
+        visual = self.model.model.visual
+
+        def sequences(args: tuple, kwargs: dict) -> list[tuple[int, int]]:
+            grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
+            return [(int(h), int(w)) for t, h, w in torch.as_tensor(grid).tolist() for _ in range(int(t))]
+
+        window = "window attention (Qwen2.5-VL): recomputing windows over the remaining units is not supported yet"
+        return TowerFacts(
+            info=info,
+            encoder=visual,
+            blocks=visual.blocks,
+            parts=qwen_vit_parts,
+            prefix=0,
+            sequences=sequences,
+            unit_patches=unit_grid_2x2,
+            packed=True,
+            merger=visual.merger,
+            refuse=window if info.attention == "window+full" else None,
+        )
+
+    def video_frames(self, processor) -> list[Tensor]:
+        """Frames of every video of the call, un-patchified and un-normalised from ``pixel_values_videos``."""
+        pv = self.metadata.get("pixel_values_videos")
+        grid = self.metadata.get("video_grid_thw")
+        if pv is None or grid is None:
+            raise ValueError(f"the {self.name} adapter saw no `pixel_values_videos` with `video_grid_thw` in this call")
+        vp = getattr(processor, "video_processor", None) or processor.image_processor
+        p, tp, m = int(vp.patch_size), int(vp.temporal_patch_size), int(vp.merge_size)
+        mean = torch.tensor(vp.image_mean, dtype=torch.float32).view(1, -1, 1, 1)
+        std = torch.tensor(vp.image_std, dtype=torch.float32).view(1, -1, 1, 1)
+        out, off = [], 0
+        for t, h, w in torch.as_tensor(grid).tolist():
+            n = t * h * w
+            x = pv[off : off + n].float().view(t, h // m, w // m, m, m, -1, tp, p, p)
+            # The processor flattens (t, h/m, w/m, m, m, C, tp, p, p): undo it to (t*tp, C, h*p, w*p).
+            x = x.permute(0, 6, 5, 1, 3, 7, 2, 4, 8).reshape(t * tp, -1, h * p, w * p)
+            out.append((x * std + mean).clamp(0, 1))
+            off += n
+        return out
+
+    def tower_rows(self, spans, results):
+        def seqs(im):
+            (_, hh, ww) = im.grids[0]
+            return [(hh * ww, len(im.grids))]
+
+        images = image_rows(spans, results, "image", seqs)
+        videos = image_rows(spans, results, "video", seqs)
+        return [
+            (torch.where(ri >= 0, ri, rv), torch.where(ri >= 0, si, sv), torch.where(ri >= 0, ui, uv))
+            for (ri, si, ui), (rv, sv, uv) in zip(images, videos, strict=True)
+        ]
 
     # ------------------------------------------------------------------ spans
     def _grids(self, name: str, needed: int) -> list[tuple[int, int, int]]:
-        grid = self._metadata.get(name)
+        grid = self.metadata.get(name)
         if needed == 0:
             return []
         if grid is None:

@@ -315,7 +315,7 @@ class DemoEngine:
                     base, meter = result, side_meter
                     yield Update("baseline", base_text=text, base=base)
             assert base is not None
-            with vtr.reduced(self.model, req.recipe, **req.overrides):
+            with vtr.reduced(self.model, req.recipe, processor=self.processor, **req.overrides):
                 recipe_text = ", ".join(repr(op) for op in self.model.vtr.recipe.ops)
                 red: SideResult | None = None
                 yield Update("reduced", base_text=base.answer, base=base, recipe_text=recipe_text)
@@ -348,5 +348,5 @@ def _layouts(model: torch.nn.Module, report: Report, sample: int = 0) -> list[Im
     per_sample = getattr(report, "layouts", None)
     if per_sample:
         return list(per_sample[sample])
-    spans = getattr(model.vtr.adapter, "last_spans", None)
-    return list(spans[sample].layout) if spans else None
+    last = getattr(model.vtr.adapter, "last", None)
+    return list(last.spans[sample].layout) if last is not None else None

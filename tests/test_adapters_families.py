@@ -67,7 +67,7 @@ def test_internvl_thumbnail_last() -> None:
                 pixel_values=thumb, vision_feature_layer=-1, vision_feature_select_strategy="default"
             ).pooler_output[0]
         adapter = model.vtr.adapter
-        (span,) = adapter.last_spans
+        (span,) = adapter.last.spans
     finally:
         vtr.unwrap(model)
         h.remove()
@@ -180,7 +180,7 @@ def test_llava_next_drop_newlines(drop: bool) -> None:
         with torch.no_grad():
             model(**inputs)
         report = model.vtr.report
-        (span,) = model.vtr.adapter.last_spans
+        (span,) = model.vtr.adapter.last.spans
     finally:
         hook.remove()
         vtr.unwrap(model)

@@ -79,7 +79,7 @@ def test_layout_matches_model_packing(case: str) -> None:
         with torch.no_grad():
             model(**inputs)
         adapter = model.vtr.adapter
-        (spans,) = adapter.last_spans
+        (spans,) = adapter.last.spans
     finally:
         vtr.unwrap(model)
         rec.remove()

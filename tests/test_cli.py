@@ -124,3 +124,11 @@ def test_run_with_an_unresolvable_hub_id_is_one_line(capsys, monkeypatch):
     assert run("--model", "vtr-tests/no-such-model") == 2
     err = capsys.readouterr().err
     assert err.startswith("vtr: error: --model vtr-tests/no-such-model: cannot load it") and err.count("\n") == 1
+
+
+def test_missing_bundled_model_is_an_error_not_random_weights(tmp_path, monkeypatch):
+    from vtr.models import load_model
+
+    monkeypatch.setenv("VTR_ASSETS", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match=f"the bundled model is missing: no config.json in {tmp_path}"):
+        load_model(None)

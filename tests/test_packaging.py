@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-MAPPING = {"vtr": "vtr", "adapters": "vtr/adapters", "kernels": "vtr/kernels", "video": "vtr/video"}
+MAPPING = {
+    "vtr": "vtr",
+    "adapters": "vtr/adapters",
+    "kernels": "vtr/kernels",
+    "video": "vtr/video",
+    "demos": "vtr/demos",
+}
 
 
 @pytest.mark.slow

@@ -45,9 +45,19 @@ def test_interleaved_medians_orders_calls():
 def test_efficiency_bench_smoke(tmp_path, capsys):
     from vtr.cli import main
 
-    assert main(["bench", "efficiency", "--llm", "tiny", "--vision", "tiny", "--repeats", "1",
-                 "--out", str(tmp_path)]) == 0
+    configs = ["divprune:keep=0.1", "tome:keep=192", "tome:keep=10", "fastv:k=1,r=0.5", "nope"]
+    assert main(["bench", "efficiency", "--llm", "tiny", "--vision", "tiny", "--repeats", "1", "--decode-steps", "2",
+                 "--configs", *configs, "--scaling", "--out", str(tmp_path)]) == 0
     res = json.loads((tmp_path / "results.json").read_text())
-    assert res["visual_tokens"] == [576, 58]
-    assert res["speedup_ideal_flops"] > 1
-    assert "| visual tokens | 576 | 58 |" in capsys.readouterr().out
+    rows = {r["config"]: r for r in res["rows"]}
+    assert list(rows) == ["baseline", "divprune:keep=0.1", "tome:keep=192", "fastv:k=1,r=0.5"]
+    assert rows["divprune:keep=0.1"]["visual_tokens"] == 58 and rows["tome:keep=192"]["visual_tokens"] == 192
+    # FastV: the LLM input is whole, the layers from k on see half; KV bytes shrink accordingly.
+    assert rows["fastv:k=1,r=0.5"]["visual_tokens"] == 576 and rows["fastv:k=1,r=0.5"]["mean_layer_tokens"] == 432
+    assert rows["fastv:k=1,r=0.5"]["kv_bytes"] < rows["baseline"]["kv_bytes"]
+    # ToMe shrinks the tower's FLOPs, DivPrune only the LLM's; every reduced configuration has ideal > 1.
+    assert rows["tome:keep=192"]["vision_ideal"] > 1 and rows["divprune:keep=0.1"]["vision_ideal"] == 1
+    assert all(r["ideal"] > 1 for name, r in rows.items() if name != "baseline")
+    assert "tome:keep=10" in res["skipped"] and "nope" in res["skipped"]
+    assert len(res["scaling"]["seconds"]) == len(res["scaling"]["lengths"])
+    assert "| baseline | 576 / 576 |" in capsys.readouterr().out

@@ -110,22 +110,32 @@ def test_missing_file():
 
 def test_wrap_level_options():
     rec = recipes.build("divprune", drop_newlines=True, positions="compact", keep=0.2)
-    assert (rec.drop_newlines, rec.positions, rec.ops[0].keep) == (True, "compact", 0.2)
-    assert recipes.build("divprune").drop_newlines is None
-    with pytest.raises(TypeError, match="drop_newlines must be True, False or None, got 'yes'"):
-        recipes.build("divprune", drop_newlines="yes")
+    assert (rec.options, rec.positions, rec.ops[0].keep) == ({"drop_newlines": True}, "compact", 0.2)
+    assert recipes.build("divprune").options == {}
 
 
-def test_yaml_drop_newlines(tmp_path):
+def test_family_option_validated_by_the_adapter():
+    from vtr.testing import tiny_llava_next
+
+    model, _ = tiny_llava_next()
+    with pytest.raises(TypeError, match="drop_newlines must be True or False, got 'yes'"):
+        vtr.wrap(model, "divprune", drop_newlines="yes")
+    assert not vtr.is_wrapped(model)
+
+
+def test_yaml_family_options(tmp_path):
     f = tmp_path / "r.yaml"
-    f.write_text("drop_newlines: true\nrecipe: pool\n")
-    assert vtr.load_recipe(f).drop_newlines is True
+    f.write_text("options: {drop_newlines: true}\nrecipe: pool\n")
+    assert vtr.load_recipe(f).options == {"drop_newlines": True}
+    f.write_text("options: {drop_newline: true}\nrecipe: pool\n")
+    with pytest.raises(ValueError, match=r"unknown family option\(s\) \[.drop_newline.\]; known"):
+        vtr.load_recipe(f)
 
 
 def test_drop_newlines_refused_without_newline_rows():
     from vtr.testing import tiny_llava
 
     model, _ = tiny_llava()
-    with pytest.raises(ValueError, match="drop_newlines applies to models with newline rows.*LLaVA-1.5 adapter"):
+    with pytest.raises(ValueError, match=r"option drop_newlines=True does not apply to the LLaVA-1.5 adapter"):
         vtr.wrap(model, "divprune", drop_newlines=True)
     assert not vtr.is_wrapped(model)

@@ -18,21 +18,13 @@ import math
 
 import pytest
 import torch
-from test_adapter_matrix import (
-    FAMILIES,
-    GEN,
-    QUESTIONS,
-    LMRecorder,
-    _cases,
-    _pos3,
-    _reference,
-    _video,
-    build_inputs,
-    model_and_processor,
-)
+from conftest import FAMILIES, GEN, QUESTIONS, LMRecorder, build_inputs, model_and_processor
+from conftest import family_cases as _cases
+from conftest import pos3 as _pos3
+from conftest import reference_run as _reference
+from conftest import video_array as _video
 
 import vtr
-from vtr.ops.base import OpContext
 from vtr.ops.quota import QuoTA, assign_budgets, frame_grid, nearest_cells
 from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
 
@@ -53,13 +45,13 @@ def _unwrap():
 def _run(family: str, case: str, recipe, *, capture_embeds: bool = False):
     """Reduced prefill + greedy decode of a matrix case: (report, spans, kept_rows, LM calls, tokens)."""
     inputs, *_ = _reference(family, case)
-    model, _ = model_and_processor(family)
-    vtr.wrap(model, recipe)
+    model, processor = model_and_processor(family)
+    vtr.wrap(model, recipe, processor=processor)
     try:
         with LMRecorder(model) as rec, torch.no_grad():
             tokens = model.generate(**inputs, **GEN)
         adapter = model.vtr.adapter
-        return model.vtr.report, adapter.last_spans, adapter.last_kept_rows, rec.calls, tokens
+        return model.vtr.report, adapter.last.spans, adapter.last.kept_rows, rec.calls, tokens
     finally:
         vtr.unwrap(model)
 
@@ -185,31 +177,6 @@ def _frames(sample) -> list:
     return [_video(f, h, w, sample.seed * 10 + 5 + j) for j, (f, h, w) in enumerate(sample.videos)]
 
 
-@pytest.fixture
-def quota_context(monkeypatch):
-    """Stand-in for the stage machinery: the adapter's OpContext gets each sample's question and frames.
-
-    ``use(samples)`` sets the samples of the next calls; ``infos`` collects the QuotaInfo records.
-    """
-    import vtr.adapters.base as base
-
-    state: dict = {"samples": [], "infos": []}
-
-    def make(sample: int = 0) -> OpContext:
-        smp = state["samples"][sample]
-        extras = {"video_frames": _frames(smp), "quota": state["infos"]}
-        return OpContext(sample=sample, query=QUESTIONS[smp.question], extras=extras)
-
-    monkeypatch.setattr(base, "OpContext", make)
-
-    def use(samples):
-        state["samples"] = list(samples)
-        state["infos"].clear()
-        return state["infos"]
-
-    return use
-
-
 class QueryScorer:
     """Stub scorer: input frame ``i`` scores ``weights[i % len]``, reversed for questions about squares."""
 
@@ -244,11 +211,10 @@ def quota_representatives(layout, frames_per_video, scorer, query, keep) -> list
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_quota_identity_at_full_budget(family, quota_context):
+def test_quota_identity_at_full_budget(family):
     inputs, ref_logits, ref_tokens, _ = _reference(family, "video-b3")
-    quota_context(_cases(FAMILIES[family])["video-b3"])
-    model, _ = model_and_processor(family)
-    vtr.wrap(model, QuoTA(keep=1.0, scorer="constant", decouple=False))
+    model, processor = model_and_processor(family)
+    vtr.wrap(model, QuoTA(keep=1.0, scorer="constant", decouple=False), processor=processor)
     try:
         with torch.no_grad():
             logits = model(**inputs).logits
@@ -261,15 +227,15 @@ def test_quota_identity_at_full_budget(family, quota_context):
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
 @pytest.mark.parametrize("weights", [(1.0, 1.0, 0.0, 0.0), (0.2, 1.0, 0.5, 0.1)])
-def test_quota_budgets_positions_and_dropped_frames(family, weights, quota_context):
+def test_quota_budgets_positions_and_dropped_frames(family, weights):
     """Kept rows are the nearest native cells of each frame's budgeted grid, 0-budget frames leave nothing,
     positions are the unreduced ids of those rows and decoding continues at the unreduced positions."""
     case, keep = "video-b3", 0.5
     samples = _cases(FAMILIES[family])[case]
-    infos = quota_context(samples)
     scorer = QueryScorer(weights)
     ref_pos = _reference(family, case)[3]
     report, spans, kept_rows, calls, _ = _run(family, case, QuoTA(keep=keep, scorer=scorer, decouple=False))
+    infos = report.details["quota"]
     prefill = _pos3(calls[0]["position_ids"])
     for b, span in enumerate(spans):
         q = QUESTIONS[samples[b].question]
@@ -289,21 +255,19 @@ def test_quota_budgets_positions_and_dropped_frames(family, weights, quota_conte
 
 
 @pytest.mark.parametrize("family", VIDEO_FAMILIES)
-def test_quota_batch_invariance(family, quota_context):
+def test_quota_batch_invariance(family):
     """Each sample (own question, own scores and budgets) gives in a padded batch what it gives alone."""
     model, processor = model_and_processor(family)
     samples = _cases(FAMILIES[family])["video-b3"]
-    vtr.wrap(model, QuoTA(keep=0.4, scorer=QueryScorer((1.0, 0.3, 0.6, 0.0)), decouple=False))
+    vtr.wrap(model, QuoTA(keep=0.4, scorer=QueryScorer((1.0, 0.3, 0.6, 0.0)), decouple=False), processor=processor)
     try:
         with torch.no_grad():
-            quota_context(samples)
             batch = build_inputs(processor, samples)
             batch_logits = model(**batch).logits[:, -1]
             batch_tokens = model.generate(**batch, **GEN)[:, -GEN["max_new_tokens"] :]
             counts = [model.vtr.report.tokens_out(b) for b in range(len(samples))]
             kept = [model.vtr.report.kept(b, len(s.images)) for b, s in enumerate(samples)]
             for b, smp in enumerate(samples):
-                quota_context([smp])
                 one = build_inputs(processor, [smp])
                 logits = model(**one).logits[:, -1]
                 tokens = model.generate(**one, **GEN)[:, -GEN["max_new_tokens"] :]

@@ -387,8 +387,10 @@ def test_run_video_errors(capsys, saved_qwen, clip24, tmp_path):
     assert code == 2 and "exactly one of num_frames" in err
     code, _, err = _run_video(capsys, "--image", str(clip24), "--frames", "4")
     assert code == 2 and "--frames and --fps apply to --video" in err
+    # The adapter gives QuoTA the question, frames, processor and model: the default scorer then needs the
+    # answer letters, which this word-level tokenizer lacks (a clear one-line error).
     code, _, err = _run_video(capsys, "--video", str(clip24), "--model", str(saved_qwen), "--recipe", "quota")
-    assert code == 2 and "QuoTA needs the question text (OpContext.query)" in err
+    assert code == 2 and "the tokenizer has no token for the answer 'B'" in err
 
 
 # ------------------------------------------------------------------------------------------------ vtr bench video-speed

@@ -158,7 +158,7 @@ class Captioner:
                 "video processor; use a video VLM such as Qwen2-VL or LLaVA-OneVision"
             )
         if reduce:
-            vtr.wrap(self.model, recipe, **({} if keep is None else {"keep": keep}))
+            vtr.wrap(self.model, recipe, processor=self.processor, **({} if keep is None else {"keep": keep}))
         self.recipe_name = recipe_label(recipe, keep)
         self.prompt = prompt
         self.device = device

@@ -1,9 +1,9 @@
 """vtr: training-free visual token reduction for Hugging Face vision-language models.
 
-    import vtr
-    model = vtr.wrap(model, "divprune", keep=0.1)
-    out = model.generate(**inputs)
-    model.vtr.report
+import vtr
+model = vtr.wrap(model, "divprune", keep=0.1)
+out = model.generate(**inputs)
+model.vtr.report
 """
 
 from vtr import ops

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -24,27 +25,36 @@ class Reducer:
     """The state vtr attaches to a wrapped model as ``model.vtr``.
 
     Attributes:
-        recipe: the operators and wrap-level options in force.
+        recipe: the operators and wrap-level options in force (operators bound to this model's family).
         pipeline: the validated operator chain.
         adapter: the model-family adapter that runs it.
+        tokenizer: used to recover the prompt text for query-aware operators (``OpContext.query``).
         report: what the latest reduced prefill did (``None`` before the first call).
     """
 
-    def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe):
-        self.recipe = recipe
-        self.pipeline = Pipeline(recipe.ops)
+    def __init__(self, model: nn.Module, adapter: Adapter, recipe: Recipe, tokenizer: Any = None):
+        # Operators may specialise for the family (e.g. ToMe in the tower or after the projector) or refuse it.
+        ops = [op.bind(adapter) for op in recipe.ops]
+        self.recipe = dataclasses.replace(recipe, ops=ops)
+        self.pipeline = Pipeline(ops)
         self.pipeline.check_supported(adapter.supported_stages, adapter.name)
-        if recipe.drop_newlines is not None and not hasattr(adapter, "drop_newlines"):
+        adapter.set_options(self.recipe)
+        #: The processor (or tokenizer) given to ``wrap``, and its tokenizer.
+        self.processor = tokenizer
+        self.tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+        needy = [op.name for op in ops if op.needs_query]
+        if needy and self.tokenizer is None:
             raise ValueError(
-                f"drop_newlines applies to models with newline rows (LLaVA-NeXT, LLaVA-OneVision); "
-                f"the {adapter.name} adapter has none"
+                f"{', '.join(needy)} read(s) the prompt text: pass the model's processor or tokenizer, "
+                "vtr.wrap(model, recipe, processor=processor)"
             )
         self.adapter = adapter
         self.report: Report | None = None
         self._model_ref = model
+        adapter.prepare(self)  # plans (and validates) the hook sets; the model is untouched until install
 
     def install(self) -> None:
-        self.adapter.install(self)
+        self.adapter.install()
 
     def remove(self) -> None:
         self.adapter.remove()
@@ -54,20 +64,25 @@ class Reducer:
         return f"Reducer(adapter={self.adapter.name}, positions={self.recipe.positions!r}, ops=[{ops}])"
 
 
-def wrap(model: nn.Module, recipe: RecipeLike, /, **overrides: Any) -> nn.Module:
+def wrap(model: nn.Module, recipe: RecipeLike, /, *, processor: Any = None, **overrides: Any) -> nn.Module:
     """Attach a token-reduction recipe to ``model`` (this instance only) and return it.
 
     Args:
-        model: a supported Hugging Face VLM (see ``vtr.adapters.supported_classes()``).
+        model: a supported Hugging Face VLM (see ``vtr.adapters.supported_classes()``) or timm ViT.
         recipe: a registered recipe name (``vtr recipes``), a YAML path, an operator or a list of them.
+        processor: the model's processor or tokenizer; needed by query-aware operators (e.g. QuoTA),
+            which read the prompt text.
         **overrides: operator fields to override (e.g. ``keep=0.1``, ``scope="frame"``) and wrap-level
-            options (``positions="original" | "compact"``; ``drop_newlines=True`` for LLaVA-NeXT/OneVision).
+            options (``positions="original" | "compact"``; family options such as ``drop_newlines=True``
+            for LLaVA-NeXT/OneVision, validated by the model's adapter).
 
     Wrapping an already wrapped model replaces its recipe. ``model.vtr.report`` describes the latest call.
+    A recipe the model cannot run (a stage or operator its family cannot host) raises here, before any
+    hook is installed.
     """
     rec = recipes.build(recipe, **overrides)
     adapter = adapter_for(model)
-    reducer = Reducer(model, adapter, rec)  # validates before touching the model
+    reducer = Reducer(model, adapter, rec, tokenizer=processor)  # validates before touching the model
     if is_wrapped(model):
         unwrap(model)
     reducer.install()
@@ -94,11 +109,11 @@ def reduced(model: nn.Module, recipe: RecipeLike, /, **overrides: Any) -> Iterat
 
     A recipe the model already had is put back on exit.
     """
-    previous = model.vtr.recipe if is_wrapped(model) else None
+    previous = (model.vtr.recipe, model.vtr.processor) if is_wrapped(model) else None
     wrap(model, recipe, **overrides)
     try:
         yield model
     finally:
         unwrap(model)
         if previous is not None:
-            wrap(model, previous)
+            wrap(model, previous[0], processor=previous[1])

@@ -219,11 +219,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     with torch.inference_mode():  # warm-up, so neither side pays first-call costs
         model(**inputs, use_cache=False, logits_to_keep=1)
     base_answer, base_prefill, base_gen = answer()
-    with vtr.reduced(model, args.recipe, **overrides):
+    with vtr.reduced(model, args.recipe, processor=processor, **overrides):
         red_answer, red_prefill, red_gen = answer()
         report = model.vtr.report
         recipe_desc = ", ".join(repr(op) for op in model.vtr.recipe.ops)
-        layout = model.vtr.adapter.last_spans[0].layout
+        layout = report.layouts[0]
     n_before, n_after = report.original_tokens[0], report.tokens_out(0)
     rows = [
         ("", "baseline", f"reduced ({args.recipe})"),

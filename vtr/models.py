@@ -24,9 +24,9 @@ def bundled_model_dir() -> Path:
 def load_model(model: str | None = None, *, dtype: str = "float32", device: str = "cpu"):
     """Return ``(model, processor)``.
 
-    ``model=None`` loads the bundled tiny model when it is present, else a random-weight tiny LLaVA
-    from :mod:`vtr.testing` (answers are then meaningless). Otherwise ``model`` is a Hugging Face id or
-    a local directory, loaded with ``from_pretrained`` (real use; needs the weights on disk or a hub).
+    ``model=None`` loads the bundled tiny model (raises naming its folder when it is missing: never a silent
+    fallback to random weights). Otherwise ``model`` is a Hugging Face id or a local directory, loaded with
+    ``from_pretrained`` (real use; needs the weights on disk or a hub).
     """
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
@@ -37,10 +37,10 @@ def load_model(model: str | None = None, *, dtype: str = "float32", device: str 
     if model is None:
         path = bundled_model_dir()
         if not (path / "config.json").is_file():
-            from vtr.testing import tiny_llava
-
-            m, p = tiny_llava()
-            return m.to(device=device, dtype=torch_dtype), p
+            raise FileNotFoundError(
+                f"the bundled model is missing: no config.json in {path} (reinstall vtr from a source checkout, set "
+                "$VTR_ASSETS, or pass --model)"
+            )
         model = str(path)
     local = Path(model)
     if local.exists() and not (local / "config.json").is_file():

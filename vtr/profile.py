@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["decoder_prefill_flops", "interleaved_medians", "vit_flops"]
+__all__ = ["decoder_layerwise_flops", "decoder_prefill_flops", "interleaved_medians", "vit_block_flops", "vit_flops"]
 
 
 def _mlp_matrices(cfg: Any) -> int:
@@ -18,21 +18,38 @@ def _mlp_matrices(cfg: Any) -> int:
     return 3 if gated else 2
 
 
-def decoder_prefill_flops(cfg: Any, n_tokens: int) -> float:
+def decoder_prefill_flops(cfg: Any, n_tokens: int, *, layers: int | None = None, head: bool = True) -> float:
     """FLOPs of a decoder-only LM prefill over ``n_tokens`` (2 FLOPs per multiply-add).
 
     Counts the q/k/v/o projections, the MLP, attention scores and the weighted sum (causal: half of the
-    square), and the LM head for the last position only. Norms and RoPE are ignored (< 1%).
+    square) of ``layers`` layers (default all), and the LM head for the last position only (``head``). Norms and
+    RoPE are ignored (< 1%).
     """
-    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    layers = cfg.num_hidden_layers if layers is None else layers
     heads = cfg.num_attention_heads
     kv = getattr(cfg, "num_key_value_heads", None) or heads
     head_dim = getattr(cfg, "head_dim", None) or h // heads
     proj = 2 * n_tokens * (h * heads * head_dim * 2 + h * kv * head_dim * 2)
     mlp = 2 * n_tokens * h * i * _mlp_matrices(cfg)
     attn = 2 * 2 * heads * head_dim * n_tokens * (n_tokens + 1) / 2
-    head = 2 * h * cfg.vocab_size
-    return float(layers * (proj + mlp + attn) + head)
+    lm_head = 2 * h * cfg.vocab_size if head else 0
+    return float(layers * (proj + mlp + attn) + lm_head)
+
+
+def decoder_layerwise_flops(cfg: Any, rows: list[int]) -> float:
+    """Prefill FLOPs when layer ``l`` sees ``rows[l]`` rows (operators inside the LLM), LM head included."""
+    return (
+        sum(decoder_prefill_flops(cfg, n, layers=1, head=False) for n in rows) + 2.0 * cfg.hidden_size * cfg.vocab_size
+    )
+
+
+def vit_block_flops(cfg: Any, n_in: int, n_mid: int | None = None) -> float:
+    """FLOPs of one ViT block whose attention sees ``n_in`` tokens and whose MLP sees ``n_mid`` (default ``n_in``;
+    fewer when a token merger acts between them, e.g. ToMe)."""
+    h, i = cfg.hidden_size, cfg.intermediate_size
+    n_mid = n_in if n_mid is None else n_mid
+    return float(2 * n_in * 4 * h * h + 2 * 2 * h * n_in * n_in + 2 * n_mid * 2 * h * i)
 
 
 def vit_flops(cfg: Any, n_tokens: int, layers: int | None = None) -> float:

@@ -1,14 +1,15 @@
 """Named recipes (operator chains) and YAML loading.
 
-A recipe is a list of operators plus wrap-level options (``positions``, ``drop_newlines``). Named recipes are factories
-registered with :func:`register`; ``vtr recipes`` lists them.
+A recipe is a list of operators plus wrap-level options: ``positions`` (every model) and family options
+(e.g. ``drop_newlines`` for LLaVA-NeXT/OneVision), which the model's adapter validates at ``wrap``. Named
+recipes are factories registered with :func:`register`; ``vtr recipes`` lists them.
 
 YAML format (``configs/*.yaml``)::
 
     name: divprune_llava          # optional
     description: ...              # optional
     positions: original           # optional: "original" (default) or "compact"
-    drop_newlines: true           # optional: LLaVA-NeXT/OneVision newline rows leave the LLM input
+    options: {drop_newlines: true}   # optional family options (validated by the model's adapter)
     ops:                          # either an explicit chain ...
       - op: DivPrune
         keep: 0.098
@@ -43,8 +44,8 @@ __all__ = [
 ]
 
 POSITIONS = ("original", "compact")
-#: Options of a wrapped model as a whole, not of one operator.
-WRAP_OPTIONS = ("positions", "drop_newlines")
+#: Options of a wrapped model as a whole, not of one operator (family options go to ``Recipe.options``).
+WRAP_OPTIONS = ("positions",)
 
 
 @dataclass
@@ -55,15 +56,14 @@ class Recipe:
     positions: str = "original"
     name: str | None = None
     description: str = ""
-    #: LLaVA-NeXT/OneVision: remove newline rows from the LLM input (None: the adapter's default, keep them
-    #: as ordinary candidates).
-    drop_newlines: bool | None = None
+    #: Family options (e.g. ``{"drop_newlines": True}``), validated by the model's adapter at ``wrap``.
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.positions not in POSITIONS:
             raise ValueError(f"positions must be one of {POSITIONS}, got {self.positions!r}")
-        if self.drop_newlines is not None and not isinstance(self.drop_newlines, bool):
-            raise TypeError(f"drop_newlines must be True, False or None, got {self.drop_newlines!r}")
+        if not isinstance(self.options, dict):
+            raise TypeError(f"Recipe.options must be a mapping of family options, got {self.options!r}")
 
 
 _REGISTRY: dict[str, tuple[Callable[[], list[Operator]], str]] = {}
@@ -102,14 +102,20 @@ def get(name: str, **overrides: Any) -> list[Operator]:
     return apply_overrides(_REGISTRY[name][0](), overrides)
 
 
+def operator_fields(chain: list[Operator]) -> set[str]:
+    """Field names any operator of ``chain`` accepts as an override."""
+    accepted: set[str] = set()
+    for op in chain:
+        accepted |= {f.name for f in dataclasses.fields(op)}
+    return accepted
+
+
 def apply_overrides(chain: list[Operator], overrides: dict[str, Any]) -> list[Operator]:
     """Set each override on every operator that has a field of that name (re-validated).
 
     An override no operator accepts raises ``ValueError`` listing the accepted names.
     """
-    accepted: set[str] = set()
-    for op in chain:
-        accepted |= {f.name for f in dataclasses.fields(op)}
+    accepted = operator_fields(chain)
     for key in overrides:
         if key not in accepted:
             raise ValueError(
@@ -128,10 +134,12 @@ def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) ->
     """Normalise anything :func:`vtr.wrap` accepts into a :class:`Recipe`.
 
     ``recipe`` is a registered name, a path to a YAML file, one operator, a list of operators or a
-    ``Recipe``. Wrap-level options in ``overrides`` (``WRAP_OPTIONS``) set the recipe's fields; the rest
-    go to operators.
+    ``Recipe``. Wrap-level options in ``overrides`` (``WRAP_OPTIONS``) set the recipe's fields; names no
+    operator accepts become family options (``Recipe.options``, validated by the model's adapter at
+    ``wrap``); the rest go to operators.
     """
     options = {k: overrides.pop(k) for k in WRAP_OPTIONS if k in overrides}
+    family = {k: overrides.pop(k) for k in list(overrides) if k in family_options()}
     if isinstance(recipe, Recipe):
         rec = dataclasses.replace(recipe, ops=apply_overrides(list(recipe.ops), overrides))
     elif isinstance(recipe, Operator):
@@ -153,10 +161,19 @@ def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) ->
         raise TypeError(
             f"recipe must be a name, a YAML path, an Operator or a list of Operators, got {type(recipe).__name__}"
         )
+    if family:
+        options["options"] = {**rec.options, **family}
     return dataclasses.replace(rec, **options) if options else rec
 
 
-_TOP_KEYS = ("name", "description", "positions", "drop_newlines", "ops", "recipe", "overrides")
+def family_options() -> tuple[str, ...]:
+    """Option names some model family accepts (each adapter validates its own; see ``Adapter.options``)."""
+    from vtr.adapters import family_options as _family_options
+
+    return _family_options()
+
+
+_TOP_KEYS = ("name", "description", "positions", "options", "ops", "recipe", "overrides")
 
 
 def load_recipe(path_or_name: str | Path) -> Recipe:
@@ -188,10 +205,16 @@ def load_recipe(path_or_name: str | Path) -> Recipe:
         if "overrides" in data:
             raise ValueError(f"{path}: 'overrides' only applies with 'recipe'; set fields in 'ops' instead")
         chain = [_op_from_dict(entry, path, i) for i, entry in enumerate(data["ops"] or [])]
+    fam = data.get("options") or {}
+    if not isinstance(fam, dict):
+        raise ValueError(f"{path}: 'options' must be a mapping of family options such as {{drop_newlines: true}}")
+    unknown = sorted(set(fam) - set(family_options()))
+    if unknown:
+        raise ValueError(f"{path}: unknown family option(s) {unknown}; known: {list(family_options())}")
     return Recipe(
         ops=chain,
         positions=data.get("positions", "original"),
-        drop_newlines=data.get("drop_newlines"),
+        options=dict(fam),
         name=data.get("name", path.stem),
         description=data.get("description", ""),
     )
@@ -228,6 +251,16 @@ def _op_from_dict(entry: Any, path: Path, i: int) -> Operator:
 register("divprune", lambda: [_ops.DivPrune()], "DivPrune: max-min diverse subset, pre-LLM (keep 0.098)")
 register("random", lambda: [_ops.Random()], "Random: seeded uniform subset, pre-LLM baseline (keep 0.25)")
 register("pool", lambda: [_ops.Pool()], "Pool: 2-D average pooling of the token grid, pre-LLM baseline (keep 0.25)")
+register(
+    "tome",
+    lambda: [_ops.ToMe(keep=0.333)],
+    "ToMe: merge similar tokens (in the CLIP/SigLIP/timm tower; after the projector on Qwen2-VL, InternVL); keep 1/3",
+)
+register(
+    "fastv",
+    lambda: [_ops.FastV()],
+    "FastV: from LLM layer k=2 keep the visual tokens the last prompt token attends to most (r=0.5 removed)",
+)
 register(
     "storm",
     lambda: _ops.storm.storm_chain(),

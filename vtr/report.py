@@ -47,6 +47,14 @@ class Report:
     prompt_tokens: list[tuple[int, int]] = field(default_factory=list)
     #: Per sample: analytic LLM prefill FLOPs (unreduced, reduced); empty when the config is not decoder-shaped.
     llm_prefill_flops: list[tuple[float, float]] = field(default_factory=list)
+    #: Per sample: visual tokens each LLM layer saw in prefill (empty when no decoder hooks ran).
+    layer_tokens: list[list[int]] = field(default_factory=list)
+    #: Per sample: KV-cache bytes each LLM layer holds after prefill (valid rows, text included).
+    kv_bytes: list[list[int]] = field(default_factory=list)
+    #: Per sample: the layout of its images/videos (grids per tile or frame), for overlays and per-frame counts.
+    layouts: list[tuple] = field(default_factory=list)
+    #: Operator-specific details by operator kind (e.g. ``"quota"``: frame scores and budgets per video).
+    details: dict[str, list] = field(default_factory=dict)
 
     def add(
         self,
@@ -74,30 +82,60 @@ class Report:
             images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept, groups))
         self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 
+    def add_counts(
+        self, *, sample: int, stage: str, operator: str, tokens_in: int, tokens_out: int, seconds: float
+    ) -> None:
+        """Record an operator by its counts only (an intermediate vision-stage step: no per-image detail)."""
+        self.records.append(StageRecord(sample, stage, operator, tokens_in, tokens_out, seconds))
+
     def tokens_out(self, sample: int = 0) -> int:
-        """Visual tokens of ``sample`` after the last operator (the LLM input)."""
-        recs = [r for r in self.records if r.sample == sample]
+        """Visual tokens of ``sample`` at the LLM input (after the ``vision`` and ``pre_llm`` stages)."""
+        recs = [r for r in self.records if r.sample == sample and r.stage in ("vision", "pre_llm")]
         return recs[-1].tokens_out if recs else self.original_tokens[sample]
 
-    def kept(self, sample: int = 0, image: int = 0) -> list[int]:
-        """Original indices kept for one image after the last operator."""
-        recs = [r for r in self.records if r.sample == sample]
+    llm_input_tokens = tokens_out
+
+    def mean_layer_tokens(self, sample: int = 0) -> float:
+        """Visual tokens per LLM layer, averaged over layers (MustDrop/FastV's count); the LLM-input count when
+        no operator acted inside the LLM."""
+        layers = self.layer_tokens[sample] if sample < len(self.layer_tokens) else []
+        return sum(layers) / len(layers) if layers else float(self.tokens_out(sample))
+
+    def kept(self, sample: int = 0, image: int = 0, stage: str | None = None) -> list[int]:
+        """Original indices kept for one image after the last operator (of ``stage``, when given)."""
+        recs = [r for r in self.records if r.sample == sample and (stage is None or r.stage == stage)]
         if not recs:
-            raise ValueError(f"no operator ran on sample {sample}")
+            raise ValueError(f"no operator ran on sample {sample}" + (f" in stage {stage!r}" if stage else ""))
         return recs[-1].images[image].kept
+
+    def set_layer_tokens(self, visual: list[list[int]], total: list[list[int]], text_config, dtype) -> None:
+        """Record per-layer visual counts and KV-cache bytes (``total`` valid rows per layer and sample)."""
+        import torch
+
+        self.layer_tokens = visual
+        heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+        head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+        per_row = 2 * heads * head_dim * torch.empty(0, dtype=dtype).element_size()
+        self.kv_bytes = [[n * per_row for n in rows] for rows in total]
 
     @property
     def operator_seconds(self) -> float:
         return sum(r.seconds for r in self.records)
 
     def summary(self) -> str:
-        """Human-readable table: one line per sample and operator."""
+        """Human-readable table: one line per sample and operator, then per-layer counts when the LLM pruned."""
         lines = [f"{'sample':>6} {'stage':<8} {'operator':<12} {'in':>6} {'out':>6} {'ms':>8}"]
         for r in self.records:
             lines.append(
                 f"{r.sample:>6} {r.stage:<8} {r.operator:<12} {r.tokens_in:>6} {r.tokens_out:>6} "
                 f"{r.seconds * 1e3:>8.2f}"
             )
+        for b, layers in enumerate(self.layer_tokens):
+            if len(set(layers)) > 1:
+                lines.append(
+                    f"sample {b}: visual tokens per LLM layer {layers} (LLM input {self.tokens_out(b)}, "
+                    f"layer average {self.mean_layer_tokens(b):.1f}, KV bytes per layer {self.kv_bytes[b]})"
+                )
         return "\n".join(lines)
 
     def set_prompt_tokens(self, rows: list[tuple[int, int]], text_config=None) -> None:
@@ -117,6 +155,8 @@ class Report:
             "original_tokens": list(self.original_tokens),
             "prompt_tokens": [list(r) for r in self.prompt_tokens],
             "llm_prefill_flops": [list(r) for r in self.llm_prefill_flops],
+            "layer_tokens": [list(r) for r in self.layer_tokens],
+            "kv_bytes": [list(r) for r in self.kv_bytes],
             "records": [
                 {
                     "sample": r.sample,

@@ -55,15 +55,32 @@ COUNT_WORDS: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "
 QUESTION_TYPES: tuple[str, ...] = ("colour", "shape", "count", "exist", "location")
 
 #: Every possible answer word.
-ANSWERS: tuple[str, ...] = (
-    *COLOURS, *SHAPES, *COUNT_WORDS, "yes", "no", "left", "right", "top", "bottom"
-)
+ANSWERS: tuple[str, ...] = (*COLOURS, *SHAPES, *COUNT_WORDS, "yes", "no", "left", "right", "top", "bottom")
 
 #: Tokenizer vocabulary: chat scaffolding plus every word a question or answer uses.
 WORDS: list[str] = [
-    "USER", ":", "ASSISTANT", "?", ".", ",",
-    "what", "colour", "shape", "is", "the", "object", "objects", "how", "many", "are", "there", "a",
-    "on", "or", "at", "image",
+    "USER",
+    ":",
+    "ASSISTANT",
+    "?",
+    ".",
+    ",",
+    "what",
+    "colour",
+    "shape",
+    "is",
+    "the",
+    "object",
+    "objects",
+    "how",
+    "many",
+    "are",
+    "there",
+    "a",
+    "on",
+    "or",
+    "at",
+    "image",
     *PLURALS.values(),
     *ANSWERS,
 ]
@@ -72,9 +89,7 @@ WORDS: list[str] = [
 SPLIT_SIZES: dict[str, int] = {"validation": 1000, "test": 2000}
 _SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
-_RGB = np.array(
-    [[215, 35, 35], [35, 175, 55], [40, 75, 225], [230, 210, 30], [150, 50, 200]], dtype=np.float32
-)
+_RGB = np.array([[215, 35, 35], [35, 175, 55], [40, 75, 225], [230, 210, 30], [150, 50, 200]], dtype=np.float32)
 _MARGIN = 24  # location questions only about objects this far (px) from the midline
 
 
@@ -145,9 +160,9 @@ def _background(rng: np.random.Generator) -> np.ndarray:
     tex = np.kron(coarse, np.ones((28, 28, 1), dtype=np.float32))
     k = 14
     tex = np.cumsum(np.pad(tex, ((k, k), (0, 0), (0, 0)), mode="edge"), axis=0)
-    tex = (tex[2 * k:] - tex[:-2 * k])[:IMAGE_SIZE] / (2 * k)
+    tex = (tex[2 * k :] - tex[: -2 * k])[:IMAGE_SIZE] / (2 * k)
     tex = np.cumsum(np.pad(tex, ((0, 0), (k, k), (0, 0)), mode="edge"), axis=1)
-    tex = (tex[:, 2 * k:] - tex[:, :-2 * k])[:, :IMAGE_SIZE] / (2 * k)
+    tex = (tex[:, 2 * k :] - tex[:, : -2 * k])[:, :IMAGE_SIZE] / (2 * k)
     return base + tint + tex
 
 

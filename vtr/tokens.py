@@ -12,7 +12,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-__all__ = ["SCOPES", "ImageLayout", "VisualTokens"]
+__all__ = ["SCOPES", "ImageLayout", "TowerTokens", "VisualTokens"]
 
 SCOPES = ("image", "frame", "sample")
 
@@ -51,6 +51,10 @@ class VisualTokens:
             form of the sources keeps memory O(N_orig) for long videos; :meth:`source_matrix` gives the
             dense ``[N, N_orig]`` view on demand.
         layout: per-image static layout, shared by all stages.
+        encoder: ``[N, 2]`` long or ``None``: where each row came from in the vision encoder — the encoder
+            sequence within its image (tile / frame: 0 = LLaVA-NeXT's base view, InternVL's crops then the
+            thumbnail last) and the unit index in that sequence (``-1`` for rows from no unit, e.g. newlines).
+            Filled when the vision stage ran (vision operators or vision signals).
     """
 
     embeds: Tensor
@@ -63,6 +67,7 @@ class VisualTokens:
     layout: tuple[ImageLayout, ...]
     scores: dict[str, Tensor] = field(default_factory=dict)
     owner: Tensor | None = None
+    encoder: Tensor | None = None
 
     def __post_init__(self) -> None:
         n = self.embeds.shape[0]
@@ -77,6 +82,8 @@ class VisualTokens:
         for name, s in self.scores.items():
             if s.shape[0] != n:
                 raise ValueError(f"score {name!r} has {s.shape[0]} rows for {n} tokens")
+        if self.encoder is not None and self.encoder.shape != (n, 2):
+            raise ValueError(f"VisualTokens.encoder must have shape ({n}, 2), got {tuple(self.encoder.shape)}")
         if self.owner is not None and self.owner.shape != (self.n_orig,):
             raise ValueError(f"VisualTokens.owner must have shape ({self.n_orig},), got {tuple(self.owner.shape)}")
 
@@ -136,6 +143,7 @@ class VisualTokens:
             protected=self.protected[idx],
             scores={k: v[idx] for k, v in self.scores.items()},
             owner=None if self.owner is None else _reindex_owner(self.owner, idx, len(self)),
+            encoder=None if self.encoder is None else self.encoder[idx],
         )
 
     def sorted(self) -> VisualTokens:
@@ -176,6 +184,7 @@ class VisualTokens:
             protected=torch.cat([p.protected for p in parts]),
             scores={k: torch.cat([p.scores[k] for p in parts]) for k in keys},
             owner=owner,
+            encoder=torch.cat([p.encoder for p in parts]) if all(p.encoder is not None for p in parts) else None,
         )
 
     def merge(self, assign: Tensor, embeds: Tensor, rep: Tensor, sizes: Tensor | None = None) -> VisualTokens:
@@ -240,6 +249,7 @@ class VisualTokens:
             protected=protected,
             scores=scores,
             owner=owner,
+            encoder=None if self.encoder is None else self.encoder[rep],
         )
 
     def owner_map(self) -> Tensor:
@@ -306,3 +316,108 @@ def _grid_coords(im: ImageLayout) -> tuple[Tensor, Tensor]:
         co = torch.cat([co, last.expand(extra, 3)])
         fr = torch.cat([fr, torch.full((extra,), max(len(im.grids) - 1, 0), dtype=torch.long)])
     return fr, co
+
+
+@dataclass
+class TowerTokens:
+    """Tokens inside a vision encoder, batched over its sequences (images, tiles or frames): what
+    ``vision``-stage operators read and return.
+
+    One row per token UNIT (a patch on CLIP/SigLIP/timm; 2x2 patches on Qwen2-VL and InternVL, whose
+    ``x`` rows then hold the unit's patches side by side, ``[k * C]``). Special tokens (CLS, distillation)
+    live in ``prefix`` and are never dropped. Sequences may keep different numbers of units: rows beyond
+    a sequence's count are padding (``valid`` False).
+
+    Attributes:
+        x: ``[S, U, k*C]`` unit features (the hidden states between blocks).
+        prefix: ``[S, P, C]`` special tokens (``P`` = 0, 1 for CLS, 2 for CLS + distillation).
+        valid: ``[S, U]`` bool, real (non-padding) rows.
+        index: ``[S, U]`` long, ORIGINAL unit index (raster over ``grid``) of each row's representative.
+        sizes: ``[S, U]`` float, original units each row stands for.
+        owner: ``[S, U0]`` long, the row covering each ORIGINAL unit (``-1``: dropped).
+        protected: ``[S, U]`` bool, rows later stages must not drop.
+        scores: named signals ``name -> [S, U]`` (attention rows summed per unit, value norms, ...).
+        grid: ``(h, w)`` unit grid of each sequence (original).
+        keys: ``[S, U, d]`` the block's keys averaged over heads and summed per unit (ToMe's metric), set
+            at the mid-block point, else ``None``.
+        prefix_keys: ``[S, P, d]`` the same for the prefix tokens.
+        block: the encoder block the operator is called at.
+        point: ``"mid"`` (after the attention residual, before the MLP) or ``"post"`` (after the block).
+        size_bias: later blocks add ``log(size)`` to the attention logits of each key (proportional
+            attention, ToMe); set by the operator that asks for it.
+    """
+
+    x: Tensor
+    prefix: Tensor
+    valid: Tensor
+    index: Tensor
+    sizes: Tensor
+    owner: Tensor
+    protected: Tensor
+    grid: tuple[tuple[int, int], ...]
+    scores: dict[str, Tensor] = field(default_factory=dict)
+    keys: Tensor | None = None
+    prefix_keys: Tensor | None = None
+    block: int = 0
+    point: str = "post"
+    size_bias: bool = False
+
+    @property
+    def counts(self) -> Tensor:
+        """``[S]`` long, real rows per sequence."""
+        return self.valid.sum(1)
+
+    def take(self, idx: Tensor, valid: Tensor | None = None) -> TowerTokens:
+        """Rows ``idx`` ``[S, K]`` of every sequence (``valid`` ``[S, K]`` marks real picks; default all)."""
+        s, k = idx.shape
+        dev = idx.device
+        valid = torch.ones(s, k, dtype=torch.bool, device=dev) if valid is None else valid
+        n = self.x.shape[1]
+        target = torch.where(valid, idx, n)  # invalid picks land in a dummy column
+        assign = torch.full((s, n + 1), -1, dtype=torch.long, device=dev)
+        assign.scatter_(1, target, torch.arange(k, device=dev).expand(s, k).contiguous())
+        assign = torch.where(self.valid, assign[:, :n], -1)
+        return self._reassign(assign, rep=torch.where(valid, idx, 0), valid=valid)
+
+    def _reassign(self, assign: Tensor, rep: Tensor, valid: Tensor, x: Tensor | None = None) -> TowerTokens:
+        """New rows: row ``j`` of sequence ``s`` takes the position of old row ``rep[s, j]``; old row ``i``
+        goes into new row ``assign[s, i]`` (``-1``: dropped); ``x`` defaults to the representative's."""
+
+        def gather(t: Tensor) -> Tensor:
+            return torch.gather(t, 1, rep.view(*rep.shape, *[1] * (t.ndim - 2)).expand(*rep.shape, *t.shape[2:]))
+
+        member = assign >= 0
+        slot = assign.clamp_min(0)
+        sizes = torch.zeros(rep.shape, dtype=self.sizes.dtype, device=rep.device)
+        sizes.scatter_add_(1, slot, torch.where(member, self.sizes, 0).to(sizes.dtype))
+        protected = torch.zeros(rep.shape, dtype=torch.bool, device=rep.device)
+        protected.scatter_reduce_(1, slot, self.protected & member, reduce="amax")
+        owner = torch.where(self.owner >= 0, torch.gather(assign, 1, self.owner.clamp_min(0)), -1)
+        new_x = gather(self.x) if x is None else x
+        return replace(
+            self,
+            x=new_x * valid.unsqueeze(-1).to(new_x.dtype),
+            valid=valid,
+            index=torch.where(valid, gather(self.index), -1),
+            sizes=torch.where(valid, sizes, 0),
+            owner=owner,
+            protected=protected & valid,
+            scores={n: gather(v) for n, v in self.scores.items()},
+            keys=None if self.keys is None else gather(self.keys),
+        )
+
+    def merge(self, assign: Tensor, x: Tensor, rep: Tensor, valid: Tensor | None = None) -> TowerTokens:
+        """Group rows: old row ``i`` of sequence ``s`` goes into new row ``assign[s, i]`` (``-1``: dropped).
+
+        Args:
+            assign: ``[S, U]`` long.
+            x: ``[S, K, k*C]`` features of the new rows.
+            rep: ``[S, K]`` long, old row whose ORIGINAL position (``index``) each new row takes.
+            valid: ``[S, K]`` bool, real new rows (default all).
+
+        Sizes are the summed sizes of the members; scores are the representative's.
+        """
+        s, k = rep.shape
+        valid = torch.ones(s, k, dtype=torch.bool, device=rep.device) if valid is None else valid
+        assign = torch.where(self.valid, assign, -1)
+        return self._reassign(assign, rep=torch.where(valid, rep, 0), valid=valid, x=x)

@@ -11,8 +11,8 @@ Two measurements, each a set of ratios taken in one process (never absolute clai
    cost is real; no weights download). Query decoupling is off: it is one short greedy generation by the answering
    model, reported separately by callers that use it.
 
-Until the adapters pass the question and the frames to operators, the benchmark hands them to QuoTA itself
-(see :class:`_BenchQuoTA`). Timings are interleaved medians (:func:`vtr.profile.interleaved_medians`).
+The model runs on synthetic processor outputs (no processor), so the benchmark hands the question and the frames
+to QuoTA itself (see :class:`_BenchQuoTA`). Timings are interleaved medians (:func:`vtr.profile.interleaved_medians`).
 
     vtr bench video-speed                                  # defaults: 32 frames at 224 px, 0.5B-class LLM
     vtr bench video-speed --frames 64 --llm 2b --vision qwen2-vl --keep 0.25
@@ -27,7 +27,7 @@ import json
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -106,6 +106,7 @@ def _quota_class():
 
         bench_query: str = "where is the red car ?"
         bench_frames: Any = None
+        needs_query: ClassVar[bool] = False  # the benchmark hands the question over itself
 
         def apply(self, tokens, ctx):
             extras = {**ctx.extras, "video_frames": [self.bench_frames]}

@@ -1,15 +1,28 @@
 """Token-reduction operators: one module per method, each a functional core plus an Operator dataclass."""
 
-from vtr.ops.base import STAGES, BudgetOperator, OpContext, Operator, resolve_keep, validate_keep
+from vtr.ops.base import (
+    STAGES,
+    BudgetOperator,
+    LayerOperator,
+    OpContext,
+    Operator,
+    VisionOperator,
+    resolve_keep,
+    validate_keep,
+)
 from vtr.ops.baselines import Pool, Random
 from vtr.ops.divprune import DivPrune
+from vtr.ops.fastv import FastV
 from vtr.ops.quota import QuoTA
 from vtr.ops.storm import SpatialPool, TemporalPool, TemporalSample
+from vtr.ops.tome import ToMe
 
 __all__ = [
     "STAGES",
     "BudgetOperator",
     "DivPrune",
+    "FastV",
+    "LayerOperator",
     "OpContext",
     "Operator",
     "Pool",
@@ -18,6 +31,8 @@ __all__ = [
     "SpatialPool",
     "TemporalPool",
     "TemporalSample",
+    "ToMe",
+    "VisionOperator",
     "resolve_keep",
     "validate_keep",
 ]

@@ -9,9 +9,20 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from vtr.tokens import SCOPES, VisualTokens
+from vtr.tokens import SCOPES, TowerTokens, VisualTokens
 
-__all__ = ["STAGES", "BudgetOperator", "OpContext", "Operator", "resolve_keep", "validate_keep"]
+__all__ = [
+    "STAGES",
+    "BudgetOperator",
+    "CacheOperator",
+    "LayerOperator",
+    "OpContext",
+    "Operator",
+    "VisionOperator",
+    "resolve_keep",
+    "resolve_layer",
+    "validate_keep",
+]
 
 #: Stages in execution order (see DESIGN §2).
 STAGES = ("vision", "pre_llm", "prefill", "decode")
@@ -74,6 +85,8 @@ class Operator:
 
     stage: ClassVar[str] = "pre_llm"
     signals: ClassVar[tuple[str, ...]] = ()
+    #: The operator reads ``OpContext.query`` (the prompt text): ``wrap`` then needs a tokenizer.
+    needs_query: ClassVar[bool] = False
 
     def __post_init__(self) -> None:
         self.validate()
@@ -84,6 +97,14 @@ class Operator:
     @property
     def name(self) -> str:
         return type(self).__name__
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        """Named signals the adapter must capture (``kind@layer``); ``n_layers`` resolves negative layers."""
+        return self.signals
+
+    def bind(self, adapter) -> Operator:
+        """The operator to run on ``adapter``'s model (e.g. the family's placement); raise if it cannot act."""
+        return self
 
     def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:  # pragma: no cover
         raise NotImplementedError
@@ -134,3 +155,71 @@ class BudgetOperator(Operator):
     def select(self, unit: VisualTokens, k: int, ctx: OpContext) -> Tensor:  # pragma: no cover
         """Ascending positions (into ``unit``) of the ``k`` tokens to keep."""
         raise NotImplementedError
+
+
+@dataclass
+class LayerOperator(Operator):
+    """An operator acting between decoder layers (``prefill`` stage), before :meth:`layer_index`.
+
+    ``apply`` gets the sample's visual tokens as that layer would see them (``embeds`` = the hidden
+    states entering the layer, ``scores`` = the signals it declared) and returns a subset of them.
+    """
+
+    stage: ClassVar[str] = "prefill"
+
+    def layer_index(self, n_layers: int) -> int:  # pragma: no cover - abstract
+        """The decoder layer before which the operator acts, for a decoder of ``n_layers`` layers."""
+        raise NotImplementedError
+
+
+@dataclass
+class CacheOperator(Operator):
+    """An operator on the KV cache after prefill (``decode`` stage): it compacts the caches of some layers.
+
+    ``apply`` gets the sample's visual tokens as the LAST decoder layer saw them in prefill (with the signals
+    the prefill captured) and returns the subset every layer of :meth:`cache_layers` keeps (text rows always
+    stay). Keys were rotated at their original positions, so selecting rows is exact; decoding continues at
+    the unreduced positions.
+    """
+
+    stage: ClassVar[str] = "decode"
+
+    def cache_layers(self, n_layers: int) -> list[int]:  # pragma: no cover - abstract
+        """Decoder layers whose caches are compacted."""
+        raise NotImplementedError
+
+
+def resolve_layer(name: str, layer: int, n_layers: int) -> int:
+    """``layer`` (negative counts from the end) as an index into ``n_layers``; raises naming both when outside."""
+    i = layer + n_layers if layer < 0 else layer
+    if not 0 <= i < n_layers:
+        raise ValueError(f"{name}: layer {layer} is outside the language model's layers 0..{n_layers - 1}")
+    return i
+
+
+@dataclass
+class VisionOperator(Operator):
+    """An operator acting inside the vision encoder (``vision`` stage) on :class:`~vtr.tokens.TowerTokens`.
+
+    The adapter calls :meth:`apply_tower` at every ``(block, point)`` of :meth:`points`: ``"mid"`` is after
+    the block's attention residual and before its MLP (ToMe, ATS: the MLP already runs on fewer tokens),
+    ``"post"`` after the block (MustDrop's window merge). Signals declared with :meth:`required_signals`
+    (``cls_attn@L``, ``mean_received@L``, ``value_norm@L``) are in ``tokens.scores`` from block ``L`` on.
+    """
+
+    stage: ClassVar[str] = "vision"
+    #: ``tokens.keys`` (the block's keys averaged over heads) is needed at mid-block points.
+    needs_keys: ClassVar[bool] = False
+    #: Token units this operator supports (``"patch"``, ``"merge2x2"``, ``"pixel_shuffle2x2"``).
+    units: ClassVar[tuple[str, ...]] = ("patch", "merge2x2", "pixel_shuffle2x2")
+
+    def points(self, info) -> list[tuple[int, str]]:  # pragma: no cover - abstract
+        """``(block, "mid" | "post")`` pairs where the operator acts, for an encoder described by ``info``
+        (a :class:`vtr.adapters.base.VisionInfo`)."""
+        raise NotImplementedError
+
+    def apply_tower(self, tokens: TowerTokens, ctx: OpContext) -> TowerTokens:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        raise TypeError(f"{self.name} acts inside the vision encoder: use it through vtr.wrap, not on VisualTokens")

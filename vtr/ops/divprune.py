@@ -21,15 +21,17 @@ DENSE_MAX_TOKENS = _kernels.DENSE_MAX_TOKENS
 _BLOCK_ROWS = BLOCK_ROWS
 
 
-def divprune_select(x: Tensor, k: int) -> Tensor:
-    """Greedy max-min (farthest-point) selection on cosine distance.
+def divprune_select(x: Tensor, k: int, backend: str = "torch") -> Tensor:
+    """Greedy max-min (farthest-point) selection on cosine distance: the one entry point of DivPrune.
 
-    A validated wrapper of the single implementation, :func:`vtr.kernels.torch_impl.maxmin_select_torch`
-    (the Triton kernel behind :func:`vtr.kernels.maxmin_select` returns the same indices).
+    ``backend="torch"`` runs the reference implementation, :func:`vtr.kernels.torch_impl.maxmin_select_torch`;
+    ``"auto"``/``"triton"`` dispatch through :func:`vtr.kernels.maxmin_select` (the Triton kernel on CUDA returns
+    the same indices).
 
     Args:
         x: ``[M, D]`` token features (any float dtype; all distance work is fp32).
         k: number of tokens to keep, ``k >= 1``.
+        backend: ``"torch"`` (default), ``"auto"`` (Triton on CUDA, torch elsewhere) or ``"triton"``.
 
     Returns:
         ``[min(k, M)]`` long tensor of distinct, ascending indices. The seed is the most isolated token
@@ -39,7 +41,9 @@ def divprune_select(x: Tensor, k: int) -> Tensor:
     if not isinstance(x, Tensor) or x.ndim != 2:
         raise ValueError(f"divprune_select expects a 2-D tensor [M, D], got {getattr(x, 'shape', type(x))}")
     _kernels.validate_maxmin(x, k)
-    return maxmin_select_torch(x, k, dense_max=DENSE_MAX_TOKENS, block_rows=_BLOCK_ROWS)
+    if _kernels.resolve_backend(backend, x) == "torch" or k >= x.shape[0]:
+        return maxmin_select_torch(x, k, dense_max=DENSE_MAX_TOKENS, block_rows=_BLOCK_ROWS)
+    return _kernels.maxmin_select(x, k, backend=backend)
 
 
 @dataclass
@@ -63,4 +67,4 @@ class DivPrune(BudgetOperator):
             raise ValueError(f"{self.name}.backend must be one of {_kernels.BACKENDS}, got {self.backend!r}")
 
     def select(self, unit: VisualTokens, k: int, ctx: OpContext) -> Tensor:
-        return _kernels.maxmin_select(unit.embeds, k, backend=self.backend)
+        return divprune_select(unit.embeds, k, backend=self.backend)

@@ -296,7 +296,8 @@ def parse_decoupled(text: str, max_objects: int = MAX_OBJECTS) -> list[str] | No
 # ------------------------------------------------------------------------------------------------ operator
 @dataclass
 class QuotaInfo:
-    """What QuoTA did to one video (written to ``OpContext.extras["quota"]``, a list, when present)."""
+    """What QuoTA did to one video (appended to ``report.details["quota"]`` through ``OpContext.extras["details"]``,
+    and to ``OpContext.extras["quota"]`` when that is a list)."""
 
     image: int
     query: str
@@ -520,4 +521,6 @@ class QuoTA(Operator):
             )
             if isinstance(ctx.extras.get("quota"), list):
                 ctx.extras["quota"].append(info)
+            if isinstance(ctx.extras.get("details"), dict):
+                ctx.extras["details"].setdefault("quota", []).append(info)
         return tokens.merge(assign, torch.cat(embeds), torch.cat(reps)).sorted()

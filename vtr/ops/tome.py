@@ -24,15 +24,21 @@ materialises the ``N/2 x N/2`` similarity matrix.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 import vtr.kernels as _kernels
+from vtr.ops.base import OpContext, VisionOperator, resolve_keep, validate_keep
+from vtr.tokens import SCOPES, TowerTokens, VisualTokens
 
 __all__ = [
+    "ToMe",
     "bipartite_soft_matching",
     "merge_representative",
     "merge_source",
@@ -373,3 +379,150 @@ def _describe(t: object) -> str:
 
 
 # ---- operator
+
+
+def _merge_assignment(merge: MergeFn, unmerge: MergeFn, n_out: int, like: Tensor) -> Tensor:
+    """``[B, N]`` long: the output row each input row went into (``unmerge`` of the output indices)."""
+    out_idx = torch.arange(n_out, device=like.device, dtype=torch.float32).expand(like.shape[0], n_out)
+    return unmerge(out_idx.unsqueeze(-1)).squeeze(-1).round().long()
+
+
+PLACEMENTS = ("auto", "vision", "pre_llm")
+
+
+@dataclass
+class ToMe(VisionOperator):
+    """Token merging (ToMe). In the vision tower of CLIP/SigLIP (LLaVA family) and timm ViTs; on the
+    LLM-input tokens of Qwen2-VL/2.5-VL and InternVL, whose 2x2 mergers need an intact grid in the tower.
+
+    Args:
+        r: tokens merged per block (vision placement): an int, ``(r, inflect)`` or a list (official forms,
+            :func:`parse_r`), over the blocks that feed the features.
+        keep: alternative budget, per image/tile (vision) or per ``scope`` unit (pre_llm): an int count or a
+            ratio in (0, 1]. Vision: an even schedule reaching exactly ``keep`` (:func:`schedule_for_keep`).
+        prop_attn: proportional attention (``log(size)`` key bias) in later blocks (vision placement).
+        placement: ``"auto"`` (vision where the family's tower has patch units, else pre_llm), ``"vision"``
+            or ``"pre_llm"``.
+        scope: budget unit of the pre_llm placement (``"frame"``: each frame/tile separately).
+        backend: best-match backend of the pre_llm placement (``"torch"``, ``"auto"``, ``"triton"``).
+
+    Exactly one of ``r`` and ``keep`` is given (``keep`` only for pre_llm).
+    """
+
+    r: int | tuple[int, float] | list[int] | None = None
+    keep: int | float | None = None
+    prop_attn: bool = True
+    placement: str = "auto"
+    scope: str = "frame"
+    backend: str = "torch"
+
+    needs_keys: ClassVar[bool] = True
+    units: ClassVar[tuple[str, ...]] = ("patch",)
+
+    def validate(self) -> None:
+        if (self.r is None) == (self.keep is None):
+            raise ValueError(
+                f"ToMe needs exactly one of r (merges per block) and keep (tokens left); got r={self.r!r}, "
+                f"keep={self.keep!r}"
+            )
+        if self.keep is not None:
+            self.keep = validate_keep(self.keep, "ToMe.keep")
+        if self.r is not None:
+            parse_r(1, self.r)  # validates the form
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"ToMe.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+        if self.placement == "pre_llm" and self.keep is None:
+            raise ValueError("ToMe after the projector (placement='pre_llm') needs keep (tokens left per unit), not r")
+        if not isinstance(self.prop_attn, bool):
+            raise TypeError(f"ToMe.prop_attn must be True or False, got {self.prop_attn!r}")
+        if self.scope not in SCOPES:
+            raise ValueError(f"ToMe.scope must be one of {SCOPES}, got {self.scope!r}")
+        if self.backend not in _kernels.BACKENDS:
+            raise ValueError(f"ToMe.backend must be one of {_kernels.BACKENDS}, got {self.backend!r}")
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "pre_llm" if self.placement == "pre_llm" else "vision"
+
+    def bind(self, adapter) -> ToMe:
+        if self.placement != "auto":
+            if self.placement == "vision":
+                facts = adapter.tower()
+                if facts is None or facts.info.unit != "patch":
+                    raise ValueError(
+                        f"ToMe cannot merge inside the {adapter.name} encoder (its 2x2 units need an intact grid): "
+                        "use placement='pre_llm' (or 'auto')"
+                    )
+            return self
+        facts = adapter.tower() if "vision" in adapter.supported_stages else None
+        in_tower = facts is not None and facts.info.unit == "patch" and facts.refuse is None
+        if not in_tower and self.keep is None:
+            raise ValueError(
+                f"ToMe on {adapter.name} merges the LLM-input tokens (pre_llm), which needs keep (tokens left per "
+                f"{self.scope}), not r={self.r!r}"
+            )
+        return dataclasses.replace(self, placement="vision" if in_tower else "pre_llm")
+
+    # ---------------------------------------------------------------- vision placement
+    def _schedule(self, info, n_units: int, prefix: int) -> list[int]:
+        layers = info.feature_block + 1
+        if self.r is not None:
+            return parse_r(layers, self.r)
+        k = resolve_keep(self.keep, n_units)
+        return schedule_for_keep(n_units + prefix, k, layers, protected=prefix)
+
+    def points(self, info) -> list[tuple[int, str]]:
+        return [(b, "mid") for b in range(info.feature_block + 1)]
+
+    def apply_tower(self, tokens: TowerTokens, ctx: OpContext) -> TowerTokens:
+        info = ctx.extras["vision_info"]
+        block = tokens.block
+        p = tokens.prefix.shape[1]
+        n_units0 = tokens.owner.shape[1]
+        sched = ctx.extras.setdefault("tome_schedule", {}).get(id(self))
+        if sched is None:
+            sched = self._schedule(info, n_units0, p)
+            ctx.extras["tome_schedule"][id(self)] = sched
+        r = sched[block] if block < len(sched) else 0
+        if self.prop_attn:
+            tokens.size_bias = True
+        if r <= 0 or not bool(tokens.valid.all()):
+            if r > 0:
+                raise ValueError("ToMe in the tower needs equal token counts in every sequence (no padding)")
+            return tokens
+        s, _, c = tokens.x.shape
+        x = torch.cat([tokens.prefix, tokens.x], 1)
+        metric = torch.cat([tokens.prefix_keys, tokens.keys], 1)
+        size = torch.cat([tokens.sizes.new_ones(s, p), tokens.sizes], 1).unsqueeze(-1).to(x.dtype)
+        merge, unmerge = bipartite_soft_matching(metric, r, class_token=info.has_cls, distill_token=p > 1)
+        x_new, _ = merge_wavg(merge, x, size)
+        n_out = x_new.shape[1]
+        assign = _merge_assignment(merge, unmerge, n_out, x)
+        rep = merge_representative(merge, torch.arange(x.shape[1], device=x.device).expand(s, -1))
+        # Prefix tokens (CLS first, never merged) stay in front; the rest keep the official order.
+        is_prefix_out = torch.zeros(s, n_out, dtype=torch.bool, device=x.device)
+        is_prefix_out.scatter_(1, assign[:, :p], True)
+        order = torch.argsort((~is_prefix_out).long(), dim=1, stable=True)
+        x_new = torch.gather(x_new, 1, order.unsqueeze(-1).expand(-1, -1, c))
+        rep = torch.gather(rep, 1, order)
+        inv = torch.argsort(order, dim=1)
+        assign = torch.gather(inv, 1, assign)
+        tokens.prefix = x_new[:, :p]
+        return tokens.merge(assign[:, p:] - p, x_new[:, p:], rep[:, p:] - p)
+
+    # ---------------------------------------------------------------- pre_llm placement
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        if self.placement != "pre_llm":
+            raise TypeError("this ToMe acts inside the vision encoder: use it through vtr.wrap")
+        parts = []
+        for _, pos in tokens.units(self.scope):
+            unit = tokens.take(pos)
+            k = min(resolve_keep(self.keep, max(round(float(unit.sizes.sum())), len(unit))), len(unit))
+            if k >= len(unit):
+                parts.append(unit)
+                continue
+            x, _, rep, assign = merge_to(unit.embeds, k, unit.sizes.to(unit.embeds.dtype), backend=self.backend)
+            parts.append(unit.merge(assign, x, rep))
+        if not parts:
+            return tokens
+        return VisualTokens.cat(parts).sorted()
