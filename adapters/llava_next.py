@@ -162,10 +162,10 @@ class LlavaNextAdapter(Adapter):
             raise MetadataMismatch(f"{n_images} images in the LLM input, {len(plan)} in the captured image sizes")
         which = [i for i, r in enumerate(results) if r.kind == "image"]
         g2 = self.grid * self.grid
-        out, cursor, img = [], 0, 0
+        out, cursor, img, lines = [], 0, 0, 0
         for s in spans:
             n = len(s.seq_pos)
-            res, seq, unit = (torch.full((n,), -1, dtype=torch.long) for _ in range(3))
+            res, seq, unit, line = (torch.full((n,), -1, dtype=torch.long) for _ in range(4))
             for im in s.layout:
                 if im.kind != "image":
                     continue
@@ -185,8 +185,15 @@ class LlavaNextAdapter(Adapter):
                     )
                 sl = slice(im.offset + g2, im.offset + g2 + hh * ww)
                 res[sl], seq[sl], unit[sl] = which[0], cursor + codes // g2, codes % g2
+                # Canvas line y and the newline row closing it share a line id: the newline stays only while a
+                # token of its line does (the spec's packing rule for in-tower reduction).
+                line[sl] = lines + torch.arange(hh).repeat_interleave(ww)
+                n_newlines = im.n_tokens - g2 - hh * ww
+                if n_newlines == hh:
+                    line[im.offset + g2 + hh * ww : im.offset + im.n_tokens] = lines + torch.arange(hh)
+                lines += hh
                 cursor += tiles
-            out.append((res, seq, unit))
+            out.append((res, seq, unit, line))
         check_sequences_used(results, which, cursor)
         return out
 

@@ -498,9 +498,11 @@ def fold_vision_results(
     """Apply what the encoder did to each sample's LLM-row tokens.
 
     ``adapter.tower_rows(spans, pending)`` gives, per sample, the ``(result, sequence, unit)`` of every
-    visual row (``-1`` for rows that do not come from a unit, e.g. newlines). A row stays iff its unit is
-    the representative of a kept unit; its ``sizes``, ``scores`` (summed per unit) and ``protected`` come
-    from that unit, and the units merged into it are recorded in ``owner``.
+    visual row (``-1`` for rows that do not come from a unit, e.g. newlines), optionally with a ``line`` id:
+    a row from no unit that shares a line id with unit rows (a newline closing a canvas line) stays only while
+    one of them does. A unit row stays iff its unit is the representative of a kept unit; its ``sizes``,
+    ``scores`` (summed per unit) and ``protected`` come from that unit, and the units merged into it are
+    recorded in ``owner``.
     """
     return _fold(batch, vision_rows(adapter, spans, pending, input_ids), pending, report)
 
@@ -530,7 +532,9 @@ def vision_rows(adapter: Adapter, spans: list[VisualSpans], pending: list[TowerR
 
 def _fold(batch, rows, pending, report):
     out = []
-    for b, (tokens, (res_id, seq, unit)) in enumerate(zip(batch, rows, strict=True)):
+    for b, (tokens, mapping) in enumerate(zip(batch, rows, strict=True)):
+        res_id, seq, unit = mapping[:3]
+        line = mapping[3] if len(mapping) > 3 else None
         n = len(tokens)
         if n == 0:
             out.append(tokens)
@@ -562,6 +566,14 @@ def _fold(batch, rows, pending, report):
                     if name not in scores:
                         scores[name] = torch.zeros(n, device=dev)
                     scores[name][r] = val[s, j].float().sum()
+        if line is not None:
+            # Rows from no unit that close a line (LLaVA-NeXT newlines) stay only while their line keeps a token.
+            lid = line.to(dev)
+            closers = (~from_tower & (lid >= 0)).nonzero().flatten()
+            if len(closers):
+                live = torch.zeros(int(lid.max()) + 1, dtype=torch.bool, device=dev)
+                live[lid[from_tower & keep & (lid >= 0)]] = True
+                keep[closers] = live[lid[closers]]
         for name, val in scores.items():
             tokens.scores[name] = val
         tokens.sizes = sizes
@@ -580,7 +592,7 @@ def _fold(batch, rows, pending, report):
             tokens.owner = torch.where(from_tower, owner_unit, rows_idx)
         kept = tokens.take(keep.nonzero().flatten())
         report.details.setdefault("tower_tokens", []).append(_sample_block_tokens(pending, res_id, seq))
-        records = _op_records(pending, res_id, seq, extra=int((res_id < 0).sum()))
+        records = _op_records(pending, res_id, seq, extra=int((~from_tower & keep).sum()))
         prev = n
         for i, (name, count, seconds) in enumerate(records):
             if i == len(records) - 1:

@@ -187,3 +187,40 @@ def test_vision_stage_records_encoder_provenance(family, case):
             assert enc[: g * g, 0].tolist() == [0] * (g * g) and enc[: g * g, 1].tolist() == list(range(g * g))
             assert bool((enc[g * g : grid_rows, 0] >= 1).all())  # canvas rows come from the AnyRes tiles
             assert bool((enc[grid_rows:] == -1).all())  # newline rows
+
+
+def test_next_canvas_newlines_stay_only_with_their_line():
+    """In-tower reduction on LLaVA-NeXT: a canvas line's newline row stays iff one of its tokens stays."""
+    from dataclasses import dataclass as dc
+
+    from vtr.ops.base import VisionOperator
+
+    @dc
+    class KeepSome(VisionOperator):
+        """Keeps units whose index is a multiple of 7 in every tile (so some canvas lines lose every token)."""
+
+        def points(self, info):
+            return [(0, "post")]
+
+        def apply_tower(self, t, ctx):
+            keep = (t.index % 7 == 0) & t.valid
+            k = int(keep.sum(1).max())
+            idx = torch.stack([torch.nonzero(row).flatten() for row in keep])
+            return t.take(idx[:, :k])
+
+    model, processor = model_and_processor("llava_next")
+    inputs = build_inputs(processor, family_cases(FAMILIES["llava_next"])["image-b1"])
+    vtr.wrap(model, KeepSome())
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        report, state = model.vtr.report, model.vtr.adapter.last
+    finally:
+        vtr.unwrap(model)
+    (im,) = state.spans[0].layout
+    g2 = im.grids[0][1] * im.grids[0][2]
+    _, hh, ww = im.grids[1]
+    kept = set(report.kept(0, 0))
+    lines_alive = [any(g2 + y * ww + x in kept for x in range(ww)) for y in range(hh)]
+    newlines = [g2 + hh * ww + y in kept for y in range(hh)]
+    assert newlines == lines_alive and not all(lines_alive) and any(lines_alive)
