@@ -20,6 +20,7 @@ caller passes. ``model.model.rope_deltas`` is left as the model computed it on t
 
 from __future__ import annotations
 
+import functools
 from typing import Any, ClassVar
 
 import torch
@@ -31,6 +32,22 @@ from vtr.adapters.vision import TowerFacts, image_rows
 from vtr.tokens import ImageLayout
 
 __all__ = ["Qwen2VLAdapter"]
+
+
+def _unit_windows(grid: tuple[int, int], *, merge: int, window: int) -> Tensor:
+    """Window id of every unit (raster over the unit grid) of a ``grid`` patch grid (Qwen2.5-VL windows)."""
+    hh, ww = grid[0] // merge, grid[1] // merge
+    r = torch.arange(hh).view(-1, 1) // window
+    c = torch.arange(ww).view(1, -1) // window
+    return (r * ((ww + window - 1) // window) + c).flatten()
+
+
+def _window_order_units(grid: tuple[int, int], *, merge: int, window: int) -> Tensor:
+    """``[U, 4]``: the native rows of each unit when the encoder sees units in window order (Qwen2.5-VL)."""
+    win = _unit_windows(grid, merge=merge, window=window)
+    order = torch.argsort(win, stable=True)  # native position -> unit (windows in raster order, raster inside)
+    pos = torch.argsort(order)  # unit -> its native position
+    return (pos * merge * merge).unsqueeze(1) + torch.arange(merge * merge)
 
 
 class Qwen2VLAdapter(Adapter):
@@ -84,8 +101,7 @@ class Qwen2VLAdapter(Adapter):
             grid = kwargs.get("grid_thw", args[1] if len(args) > 1 else None)
             return [(int(h), int(w)) for t, h, w in torch.as_tensor(grid).tolist() for _ in range(int(t))]
 
-        window = "window attention (Qwen2.5-VL): recomputing windows over the remaining units is not supported yet"
-        return TowerFacts(
+        facts = TowerFacts(
             info=info,
             encoder=visual,
             blocks=visual.blocks,
@@ -95,8 +111,17 @@ class Qwen2VLAdapter(Adapter):
             unit_patches=unit_grid_2x2,
             packed=True,
             merger=visual.merger,
-            refuse=window if info.attention == "window+full" else None,
         )
+        if info.attention == "window+full":
+            # Qwen2.5-VL: the blocks see units in window order, and all but the full-attention blocks attend within
+            # windows of `ws x ws` units; windows stay those of the units' original locations.
+            vc = self.model.config.vision_config
+            ws = int(vc.window_size) // self.merge // int(vc.patch_size)
+            full = {int(b) for b in vc.fullatt_block_indexes}
+            facts.window_blocks = frozenset(b for b in range(info.num_blocks) if b not in full)
+            facts.unit_windows = functools.partial(_unit_windows, merge=self.merge, window=ws)
+            facts.unit_patches = functools.partial(_window_order_units, merge=self.merge, window=ws)
+        return facts
 
     def video_frames(self, processor) -> list[Tensor]:
         """Frames of every video of the call, un-patchified and un-normalised from ``pixel_values_videos``."""

@@ -102,6 +102,9 @@ class TowerFacts:
         refuse_video: a message when operators cannot act on videos (the model pools full frame grids).
         reexpand: restore the native layout where the model's code continues (``False`` for models whose
             head reads the reduced tokens directly, e.g. timm ViTs).
+        window_blocks: blocks with window attention (Qwen2.5-VL): a unit attends only to the units of its window.
+        unit_windows: ``(h, w) patch grid -> [U]`` long, the window of every unit (by its ORIGINAL location, so
+            units that remain keep their window; a merged unit takes its representative's).
     """
 
     info: VisionInfo
@@ -116,6 +119,8 @@ class TowerFacts:
     refuse: str | None = None
     refuse_video: str | None = None
     reexpand: bool = True
+    window_blocks: frozenset[int] = frozenset()
+    unit_windows: Callable[[tuple[int, int]], Tensor] | None = None
 
     @property
     def k(self) -> int:
@@ -359,6 +364,8 @@ class _Run:
         h = parts.norm1(x)
         q, k, v = parts.qkv(h, cos, sin)
         bias = self._key_bias(valid, x.dtype)
+        if i in self.facts.window_blocks:
+            bias = self._window_bias(valid, bias, x.dtype)
         names = self.hooks.signals.get(i)
         if names:
             self._signals(i, names, q, k, v, valid, bias, parts.scale)
@@ -393,6 +400,22 @@ class _Run:
         bias = bias.masked_fill(~valid, torch.finfo(dtype).min)
         return bias[:, None, None, :]
 
+    def _window_bias(self, valid: Tensor, bias: Tensor | None, dtype: torch.dtype) -> Tensor:
+        """``[S, 1, L, L]``: the key mask plus window attention (keys outside a query's window hidden)."""
+        t, k, p = self.tokens, self.facts.k, self.facts.prefix
+        win = torch.full(t.index.shape, -1, dtype=torch.long, device=t.index.device)
+        for s, grid in enumerate(self.patch_grids):
+            w = self.facts.unit_windows(grid).to(win.device)
+            sel = t.valid[s]
+            win[s, sel] = w[t.index[s, sel]]
+        rows = torch.cat(
+            [torch.full((len(win), p), -2, device=win.device, dtype=torch.long), win.repeat_interleave(k, dim=1)], 1
+        )
+        same = rows.unsqueeze(2) == rows.unsqueeze(1)
+        out = torch.zeros(same.shape, dtype=dtype, device=same.device).masked_fill(~same, torch.finfo(dtype).min)
+        out = out.unsqueeze(1)
+        return out + (bias if bias is not None else 0)
+
     def _signals(self, i: int, names: set[str], q, k, v, valid: Tensor, bias: Tensor | None, scale: float) -> None:
         t, kk, p = self.tokens, self.facts.k, self.facts.prefix
         s, _, L, _ = q.shape
@@ -405,17 +428,26 @@ class _Run:
         if f"cls_attn@{i}" in names:
             logits = torch.einsum("shd,shld->shl", qf[:, :, 0], kf) * scale
             if b is not None:
-                logits = logits + b[:, :, 0]
+                logits = logits + b[:, :, 0]  # [S, 1, L]: the key mask of query 0
             t.scores[f"cls_attn@{i}"] = per_unit(torch.softmax(logits, -1).mean(1))
         if f"mean_received@{i}" in names:
+            # Column mean over the valid queries that can attend to each key (all of them under full attention,
+            # the key's window under window attention), averaged over heads.
             acc = torch.zeros(s, L, device=q.device)
+            seen = torch.zeros(s, L, device=q.device)
             for c in range(0, L, _QUERY_CHUNK):
                 logits = torch.einsum("shqd,shkd->shqk", qf[:, :, c : c + _QUERY_CHUNK], kf) * scale
-                if b is not None:
-                    logits = logits + b
+                rows = b[:, :, c : c + _QUERY_CHUNK] if b is not None and b.shape[2] > 1 else b
+                if rows is not None:
+                    logits = logits + rows
                 probs = torch.softmax(logits, -1).mean(1)  # [S, q, L], averaged over heads
-                acc += (probs * valid[:, c : c + _QUERY_CHUNK, None]).sum(1)
-            t.scores[f"mean_received@{i}"] = per_unit(acc / valid.sum(1, keepdim=True).clamp_min(1))
+                vq = valid[:, c : c + _QUERY_CHUNK, None]
+                acc += (probs * vq).sum(1)
+                visible = vq & valid[:, None, :]
+                if rows is not None and rows.shape[2] > 1:
+                    visible = visible & (rows[:, 0] > torch.finfo(rows.dtype).min / 2)
+                seen += visible.sum(1)
+            t.scores[f"mean_received@{i}"] = per_unit(acc / seen.clamp_min(1))
         if f"value_norm@{i}" in names:
             norm = v.float().transpose(1, 2).reshape(s, L, -1).norm(dim=-1)
             t.scores[f"value_norm@{i}"] = per_unit(norm)

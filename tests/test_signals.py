@@ -92,7 +92,7 @@ def test_padded_tower_signals_equal_eager_attention(family: str, kinds: tuple[st
     attn = attn.float().mean(1)  # heads averaged
     prefix = 1 if family in ("llava", "internvl") else 0
     facts = vtr.adapters.adapter_for(model).tower()
-    (res, seq, unit) = rows[0]
+    res, seq, unit = rows[0][:3]
     for kind in kinds:
         got = rec.seen[0][f"{kind}@{block}"]
         col = attn[:, 0] if kind == "cls_attn" else attn.mean(1)  # [S, L]
@@ -144,12 +144,14 @@ def _onevision_tiles(model, inputs):
     return torch.cat([p[:k] for p, k in zip(pv, n, strict=True)])
 
 
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl"])
 @pytest.mark.parametrize("block", [0, 1])
-def test_qwen2_vl_tower_received_attention_equals_a_manual_eager_pass(block: int) -> None:
-    """Qwen2-VL's vision attention returns no weights: the reference is a plain softmax per image over the
-    block's own q/k (rotary applied by the model's own function), from the block's captured inputs."""
-    model, processor = model_and_processor("qwen2_vl")
-    inputs = build_inputs(processor, family_cases(FAMILIES["qwen2_vl"])["multi-b1"])
+def test_qwen_tower_received_attention_equals_a_manual_eager_pass(family: str, block: int) -> None:
+    """Qwen2-VL's vision attention returns no weights: the reference is a plain softmax per attention sequence
+    (image, or Qwen2.5-VL window in its window blocks) over the block's own q/k (rotary applied by the model's own
+    function), from the block's captured inputs, put back from window order to raster order."""
+    model, processor = model_and_processor(family)
+    inputs = build_inputs(processor, family_cases(FAMILIES[family])["multi-b1"])
     captured = {}
     blk = model.model.visual.blocks[block]
 
@@ -172,6 +174,16 @@ def test_qwen2_vl_tower_received_attention_equals_a_manual_eager_pass(block: int
             p = torch.softmax(torch.einsum("qhd,khd->hqk", q[a:b], k[a:b]) * attn.scaling, -1).mean(0)
             ref.append(p.mean(0).view(-1, 4).sum(1))  # received mean per patch, summed per 2x2 unit
         ref = torch.cat(ref)
+        if family == "qwen2_5_vl":  # native order is window order; sequences in the reference are windows
+            from transformers.vision_utils import get_vision_window_index
+
+            vis = model.model.visual
+            window_index, _ = get_vision_window_index(
+                inputs["image_grid_thw"], vis.spatial_merge_size, vis.window_size, vis.patch_size
+            )
+            raster = torch.empty_like(ref)
+            raster[window_index] = ref
+            ref = raster
     rec = RecordScores(wanted=(f"mean_received@{block}",))
     vtr.wrap(model, rec)
     try:

@@ -224,3 +224,54 @@ def test_next_canvas_newlines_stay_only_with_their_line():
     lines_alive = [any(g2 + y * ww + x in kept for x in range(ww)) for y in range(hh)]
     newlines = [g2 + hh * ww + y in kept for y in range(hh)]
     assert newlines == lines_alive and not all(lines_alive) and any(lines_alive)
+
+
+@pytest.mark.parametrize("family", ["qwen2_vl", "qwen2_5_vl", "internvl", "llava", "llava_onevision"])
+@pytest.mark.parametrize("point", ["mid", "post"])
+def test_in_tower_unit_selection_identity_and_counts(family, point):
+    """A unit-keeping vision operator through the block runner (Qwen2.5-VL: window attention over the remaining
+    units): keeping every unit reproduces the model exactly; keeping every other unit from block 0 on reaches the
+    LLM as exactly those rows, at their original positions."""
+    from conftest import LMRecorder, pos3, reference_run
+
+    from vtr.ops.base import VisionOperator
+
+    @dataclass
+    class EveryOther(VisionOperator):
+        stride: int = 1
+
+        def points(self, info):
+            return [(0, point)]
+
+        def apply_tower(self, t, ctx):
+            keep = (t.index % self.stride == 0) & t.valid
+            k = int(keep.sum(1).max())
+            idx = torch.zeros(len(keep), k, dtype=torch.long)
+            ok = torch.zeros(len(keep), k, dtype=torch.bool)
+            for s, row in enumerate(keep):
+                sel = row.nonzero().flatten()
+                idx[s, : len(sel)], ok[s, : len(sel)] = sel, True
+            return t.take(idx, ok)
+
+    case = "multi-b3"
+    inputs, ref_logits, ref_tokens, ref_pos = reference_run(family, case)
+    model, _ = model_and_processor(family)
+    vtr.wrap(model, EveryOther(stride=1))
+    try:
+        with torch.no_grad():
+            logits = model(**inputs).logits
+            tokens = model.generate(**inputs, max_new_tokens=3, min_new_tokens=3, do_sample=False)
+        vtr.wrap(model, EveryOther(stride=2))
+        with LMRecorder(model) as rec, torch.no_grad():
+            model.generate(**inputs, max_new_tokens=1, do_sample=False)
+        state = model.vtr.adapter.last
+    finally:
+        vtr.unwrap(model)
+    torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
+    assert torch.equal(tokens, ref_tokens)
+    prefill = pos3(rec.calls[0]["position_ids"])
+    for b in range(inputs["input_ids"].shape[0]):
+        enc = state.tokens[b].encoder
+        assert bool((enc[:, 1][enc[:, 1] >= 0] % 2 == 0).all())  # only even units reached the LLM
+        rows = state.kept_rows[b]
+        torch.testing.assert_close(prefill[..., b, -len(rows) :], ref_pos[0][..., b, rows], rtol=0, atol=0)
