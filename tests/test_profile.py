@@ -11,8 +11,15 @@ from vtr.profile import decoder_prefill_flops, interleaved_medians, vit_flops
 
 
 def test_decoder_flops_hand_computed():
-    cfg = SimpleNamespace(hidden_size=8, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=1, vocab_size=10, hidden_act="silu")
+    cfg = SimpleNamespace(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=10,
+        hidden_act="silu",
+    )
     n = 3
     head_dim = 4
     proj = 2 * n * (8 * 2 * head_dim * 2 + 8 * 1 * head_dim * 2)  # q,o full; k,v with one kv head
@@ -30,8 +37,14 @@ def test_vit_flops_hand_computed():
 
 
 def test_fewer_tokens_fewer_flops():
-    cfg = SimpleNamespace(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                          vocab_size=100, hidden_act="silu")
+    cfg = SimpleNamespace(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        vocab_size=100,
+        hidden_act="silu",
+    )
     assert decoder_prefill_flops(cfg, 100) > decoder_prefill_flops(cfg, 50) > 0
 
 
@@ -46,8 +59,28 @@ def test_efficiency_bench_smoke(tmp_path, capsys):
     from vtr.cli import main
 
     configs = ["divprune:keep=0.1", "tome:keep=192", "tome:keep=10", "fastv:k=1,r=0.5", "nope"]
-    assert main(["bench", "efficiency", "--llm", "tiny", "--vision", "tiny", "--repeats", "1", "--decode-steps", "2",
-                 "--configs", *configs, "--scaling", "--out", str(tmp_path)]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "efficiency",
+                "--llm",
+                "tiny",
+                "--vision",
+                "tiny",
+                "--repeats",
+                "1",
+                "--decode-steps",
+                "2",
+                "--configs",
+                *configs,
+                "--scaling",
+                "--out",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     res = json.loads((tmp_path / "results.json").read_text())
     rows = {r["config"]: r for r in res["rows"]}
     assert list(rows) == ["baseline", "divprune:keep=0.1", "tome:keep=192", "fastv:k=1,r=0.5"]

@@ -113,8 +113,22 @@ def test_timm_refuses_llm_stages_and_register_tokens():
 def test_tome_bench_runs_and_says_when_the_official_code_is_absent(tmp_path, capsys):
     from vtr.cli import main
 
-    args = ["bench", "tome", "--model", "vit_tiny_patch16_224", "--batch", "2", "--r", "4", "--repeats", "1",
-            "--official", str(tmp_path / "nowhere"), "--out", str(tmp_path)]
+    args = [
+        "bench",
+        "tome",
+        "--model",
+        "vit_tiny_patch16_224",
+        "--batch",
+        "2",
+        "--r",
+        "4",
+        "--repeats",
+        "1",
+        "--official",
+        str(tmp_path / "nowhere"),
+        "--out",
+        str(tmp_path),
+    ]
     assert main(args) == 0
     out = capsys.readouterr().out
     assert "| vtr ToMe |" in out and "not a facebookresearch/ToMe checkout" in out
