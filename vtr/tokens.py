@@ -394,9 +394,11 @@ class TowerTokens:
         protected.scatter_reduce_(1, slot, self.protected & member, reduce="amax")
         owner = torch.where(self.owner >= 0, torch.gather(assign, 1, self.owner.clamp_min(0)), -1)
         new_x = gather(self.x) if x is None else x
+        if not bool(valid.all()):  # padding rows are zeros (cheap to skip when every row is real)
+            new_x = new_x * valid.unsqueeze(-1).to(new_x.dtype)
         return replace(
             self,
-            x=new_x * valid.unsqueeze(-1).to(new_x.dtype),
+            x=new_x,
             valid=valid,
             index=torch.where(valid, gather(self.index), -1),
             sizes=torch.where(valid, sizes, 0),
