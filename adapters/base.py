@@ -157,6 +157,7 @@ class Adapter:
             (grid metadata such as ``image_grid_thw``); ``generate`` calls them BEFORE the first forward.
         metadata_kwargs: keyword arguments of the base model's forward that carry grid metadata.
         options: family-only wrap options (e.g. ``("drop_newlines",)``), validated by :meth:`set_options`.
+        picture: how the processor maps a picture onto the grids (see the attribute).
     """
 
     name: ClassVar[str] = "base"
@@ -165,6 +166,11 @@ class Adapter:
     feature_methods: ClassVar[tuple[str, ...]] = ()
     metadata_kwargs: ClassVar[tuple[str, ...]] = ()
     options: ClassVar[tuple[str, ...]] = ()
+    #: How the processor turns an uploaded picture into the visual grids (for drawing kept tokens on it):
+    #: ``"crop"`` (resize + centre crop to one square grid), ``"anyres"`` (a resized base view + AnyRes tiles),
+    #: ``"whole"`` (the whole picture resized to the grid), ``"tiles"`` (dynamic tiles, thumbnail last);
+    #: ``None`` when not described.
+    picture: ClassVar[str | None] = None
     #: Token id of the visual placeholder (used in messages).
     image_token_id: int | None = None
 

@@ -37,6 +37,7 @@ class InternVLAdapter(Adapter):
 
     name: ClassVar[str] = "InternVL"
     model_classes: ClassVar[tuple[str, ...]] = ("InternVLForConditionalGeneration",)
+    picture: ClassVar[str] = "tiles"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -24,6 +24,7 @@ class LlavaAdapter(Adapter):
 
     name: ClassVar[str] = "LLaVA-1.5"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaForConditionalGeneration",)
+    picture: ClassVar[str] = "crop"
 
     def __init__(self, model: nn.Module):
         super().__init__(model)

@@ -91,6 +91,7 @@ class LlavaNextAdapter(Adapter):
     name: ClassVar[str] = "LLaVA-NeXT"
     model_classes: ClassVar[tuple[str, ...]] = ("LlavaNextForConditionalGeneration",)
     options: ClassVar[tuple[str, ...]] = ("drop_newlines",)
+    picture: ClassVar[str] = "anyres"
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features",)
     metadata_kwargs: ClassVar[tuple[str, ...]] = ("image_sizes",)
     #: The ``vision_feature_select_strategy`` the layout assumes (``"default"``: CLIP's CLS row dropped).

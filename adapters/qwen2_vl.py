@@ -63,6 +63,7 @@ class Qwen2VLAdapter(Adapter):
         "Qwen2_5_VLForConditionalGeneration",
     )
     supports_video: ClassVar[bool] = True
+    picture: ClassVar[str] = "whole"
     feature_methods: ClassVar[tuple[str, ...]] = ("get_image_features", "get_video_features")
     metadata_kwargs: ClassVar[tuple[str, ...]] = ("image_grid_thw", "video_grid_thw")
 

@@ -175,6 +175,7 @@ class DemoEngine:
         self.processor = processor
         self.name = name
         self.family = adapter.name
+        self.picture = adapter.picture  # how the processor maps a picture onto the grids (drawing)
         self.supports_video = bool(adapter.supports_video) and getattr(processor, "video_processor", None) is not None
         self.device = next(model.parameters()).device
         self.bytes_per_value = next(model.parameters()).element_size()

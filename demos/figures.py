@@ -235,14 +235,14 @@ class Panel:
 
 
 def token_panels(
-    report: Report, layouts: Sequence[ImageLayout], family: str, inputs: ViewInputs, sample: int = 0
+    report: Report, layouts: Sequence[ImageLayout], picture: str | None, inputs: ViewInputs, sample: int = 0
 ) -> tuple[list[Panel], list[str]]:
     """One panel per operator and image of ``sample``: its kept tokens drawn on what the model saw.
 
     Args:
         report: the reduced call's report.
         layouts: the layouts of the images of ``sample`` (as the adapter found them).
-        family: the adapter name (selects the token-to-pixel mapping).
+        picture: the adapter's ``picture`` fact (selects the token-to-pixel mapping).
         inputs: the media and processor outputs the views are read from.
 
     Returns:
@@ -261,7 +261,7 @@ def token_panels(
             layout = layouts[im.image]
             if im.image not in views:
                 slices, extra = grid_slices(layout)
-                views[im.image] = (slices, grid_views(family, layout, slices, inputs), extra)
+                views[im.image] = (slices, grid_views(picture, layout, slices, inputs), extra)
                 for v in views[im.image][1]:
                     if v.note and v.note not in notes:
                         notes.append(v.note)

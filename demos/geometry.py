@@ -210,24 +210,22 @@ def _tile_views(layout: ImageLayout, slices: list[GridSlice], v: ViewInputs) -> 
     ]
 
 
-#: Adapter name -> view builder. The mapping is family knowledge; unknown families get counts only.
+#: Picture kind (the adapter's ``picture`` fact) -> view builder; models that do not describe it get counts only.
 VIEWS: dict[str, Callable[[ImageLayout, list[GridSlice], ViewInputs], list[GridView]]] = {
-    "LLaVA-1.5": _llava_views,
-    "LLaVA-NeXT": _anyres_views,
-    "LLaVA-OneVision": _anyres_views,
-    "Qwen2-VL": _qwen_views,
-    "Qwen2.5-VL": _qwen_views,
-    "InternVL": _tile_views,
+    "crop": _llava_views,
+    "anyres": _anyres_views,
+    "whole": _qwen_views,
+    "tiles": _tile_views,
 }
 
 
-def grid_views(family: str, layout: ImageLayout, slices: list[GridSlice], inputs: ViewInputs) -> list[GridView]:
-    """The picture each slice of ``layout`` covers, for a model of adapter ``family`` (one per slice)."""
-    build = VIEWS.get(family)
+def grid_views(picture: str | None, layout: ImageLayout, slices: list[GridSlice], inputs: ViewInputs) -> list[GridView]:
+    """The picture each slice of ``layout`` covers, for a model whose adapter's ``picture`` fact is ``picture``."""
+    build = VIEWS.get(picture) if picture is not None else None
     if build is None:
-        note = f"no token-to-pixel mapping for the {family} family: tokens are counted, not drawn"
+        note = f"no token-to-pixel mapping for picture kind {picture!r}: tokens are counted, not drawn"
         return [GridView(None, f"grid {s.group}", note) for s in slices]
     views = build(layout, slices, inputs)
     if len(views) != len(slices):  # pragma: no cover - a builder bug
-        raise RuntimeError(f"{family} view builder returned {len(views)} views for {len(slices)} grids")
+        raise RuntimeError(f"{picture} view builder returned {len(views)} views for {len(slices)} grids")
     return views

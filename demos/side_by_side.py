@@ -146,7 +146,7 @@ def run_outputs(
             stages = stage_tokens(report)
             panels, notes = [], ["no layout found: overlays unavailable"]
             if up.layouts is not None:
-                panels, notes = token_panels(report, up.layouts, engine.family, up.views)
+                panels, notes = token_panels(report, up.layouts, engine.picture, up.views)
             yield (
                 f"Done: {up.recipe_text}.",
                 up.base_text or "(empty answer)",

@@ -136,7 +136,7 @@ def test_qwen_token_units_map_to_the_cells_drawn_on_the_upload():
     assert sorted({int(i) // 4 for i in bright}) == [r0 * w + c0]
     layout = ImageLayout(offset=0, n_tokens=h * w, grids=((1, h, w),))
     slices, _ = grid_slices(layout)
-    (view,) = grid_views("Qwen2-VL", layout, slices, ViewInputs(Image.fromarray(arr), out, processor))
+    (view,) = grid_views("whole", layout, slices, ViewInputs(Image.fromarray(arr), out, processor))
     x0, y0, x1, y1 = cell_boxes(h, w, *view.picture.size)[r0 * w + c0]
     assert np.asarray(view.picture)[y0:y1, x0:x1].min() == 255  # the cell drawn for that token is the painted unit
 
@@ -146,15 +146,15 @@ def test_views_per_family_and_unknown_family():
     proc = SimpleNamespace(image_processor=SimpleNamespace(image_mean=MEAN, image_std=STD))
     layout = ImageLayout(offset=0, n_tokens=4, grids=((1, 2, 2),))
     slices, _ = grid_slices(layout)
-    (view,) = grid_views("LLaVA-1.5", layout, slices, ViewInputs(None, {"pixel_values": pix}, proc))
+    (view,) = grid_views("crop", layout, slices, ViewInputs(None, {"pixel_values": pix}, proc))
     assert view.picture.size == (8, 8) and np.abs(np.asarray(view.picture)[0, 0] - [200, 100, 50]).max() <= 1
     # LLaVA-NeXT: the base view is drawn, the unpadded canvas is only counted (and the UI says so).
     nxt = ImageLayout(offset=0, n_tokens=4 + 6 + 2, grids=((1, 2, 2), (1, 2, 3)))
     slices, _ = grid_slices(nxt)
-    views = grid_views("LLaVA-NeXT", nxt, slices, ViewInputs(None, {"pixel_values": pix.unsqueeze(0)}, proc))
+    views = grid_views("anyres", nxt, slices, ViewInputs(None, {"pixel_values": pix.unsqueeze(0)}, proc))
     assert views[0].picture is not None and views[1].picture is None and "not drawn" in views[1].note
-    (view,) = grid_views("SomeNewVLM", layout, grid_slices(layout)[0], ViewInputs(None, {}, proc))
-    assert view.picture is None and "no token-to-pixel mapping for the SomeNewVLM family" in view.note
+    (view,) = grid_views(None, layout, grid_slices(layout)[0], ViewInputs(None, {}, proc))
+    assert view.picture is None and "no token-to-pixel mapping for picture kind None" in view.note
 
 
 # ----------------------------------------------------------------------------------------------- overlay
@@ -269,15 +269,15 @@ def _llava_views(image: Image.Image) -> ViewInputs:
 
 def test_token_panels_image():
     layout = [ImageLayout(offset=0, n_tokens=4, grids=((1, 2, 2),))]
-    panels, notes = token_panels(_report(), layout, "LLaVA-1.5", _llava_views(Image.new("RGB", (16, 16), "white")))
+    panels, notes = token_panels(_report(), layout, "crop", _llava_views(Image.new("RGB", (16, 16), "white")))
     assert [p.caption for p in panels] == ["pre_llm · DivPrune: 2/4 tokens kept"] and notes == []
     assert compose(panels).size[0] > panels[0].image.size[0] and compose([]) is None
-    # Unknown family: counted, not drawn, and said so.
-    panels, notes = token_panels(_report(), layout, "SomeNewVLM", _llava_views(Image.new("RGB", (16, 16))))
+    # A model that does not describe its picture: counted, not drawn, and said so.
+    panels, notes = token_panels(_report(), layout, None, _llava_views(Image.new("RGB", (16, 16))))
     assert panels == [] and "no token-to-pixel mapping" in notes[0]
     # Newline rows after the grid are counted in a note.
     layout = [ImageLayout(offset=0, n_tokens=6, grids=((1, 2, 2),))]
-    _, notes = token_panels(_report(kept=(0, 5), n=6), layout, "LLaVA-1.5", _llava_views(Image.new("RGB", (16, 16))))
+    _, notes = token_panels(_report(kept=(0, 5), n=6), layout, "crop", _llava_views(Image.new("RGB", (16, 16))))
     assert notes == ["2 newline rows (not drawn): 1 kept after DivPrune"]
 
 
@@ -286,10 +286,10 @@ def test_token_panels_video_strip_counts_per_frame():
     proc = SimpleNamespace(video_processor=SimpleNamespace(temporal_patch_size=2))
     layout = [ImageLayout(offset=0, n_tokens=12, grids=((1, 2, 2),) * 3, kind="video")]
     report = _report(kept=(0, 5, 8, 9), n=12, operator="STORM")
-    views = grid_views("Qwen2-VL", layout[0], grid_slices(layout[0])[0], ViewInputs(frames, {}, proc))
+    views = grid_views("whole", layout[0], grid_slices(layout[0])[0], ViewInputs(frames, {}, proc))
     assert [v.label for v in views] == ["frames 0-1", "frames 2-3", "frames 4-5"]
     assert [int(np.asarray(v.picture).mean()) for v in views] == [0, 80, 160]  # the first frame of each step
-    panels, _ = token_panels(report, layout, "Qwen2-VL", ViewInputs(frames, {}, proc))
+    panels, _ = token_panels(report, layout, "whole", ViewInputs(frames, {}, proc))
     (panel,) = panels
     assert panel.caption == "pre_llm · STORM: 4/12 tokens kept (video: kept per frame under each)"
     assert panel.image.size[0] > 3 * 320  # a strip of the three steps
@@ -418,7 +418,7 @@ def test_engine_one_model_both_sides(bundled):
     assert done.report.original_tokens == [196] and done.report.tokens_out(0) == 20
     assert 0 < done.base.ttft_s <= done.base.total_s and 0 < done.red.ttft_s <= done.red.total_s
     assert done.layouts == [ImageLayout(offset=0, n_tokens=196, grids=((1, 14, 14),))]
-    panels, notes = token_panels(done.report, done.layouts, bundled.family, done.views)
+    panels, notes = token_panels(done.report, done.layouts, bundled.picture, done.views)
     assert len(panels) == 1 and notes == [] and panels[0].caption == "pre_llm · DivPrune: 20/196 tokens kept"
     # Streaming: the baseline text grows token by token before the reduced side starts.
     texts = [u.base_text for u in updates if u.phase == "baseline"]
@@ -495,7 +495,7 @@ def test_engine_every_family_image(factory, tmp_path):
     done = list(engine.run(_request(engine, path=image, prompt="what ?", value=0.5)))[-1]
     assert not vtr.is_wrapped(model)
     assert done.report.tokens_out(0) < done.report.original_tokens[0]
-    panels, notes = token_panels(done.report, done.layouts, engine.family, done.views)
+    panels, notes = token_panels(done.report, done.layouts, engine.picture, done.views)
     assert len(panels) == 1 and panels[0].caption.startswith("pre_llm · DivPrune")
     if engine.family in ("LLaVA-NeXT", "LLaVA-OneVision"):
         assert any("AnyRes canvas" in n or "not drawn" in n for n in notes)
@@ -514,7 +514,7 @@ def test_engine_video_strip(factory, tmp_path):
     done = list(engine.run(req))[-1]
     (layout,) = done.layouts
     assert layout.kind == "video" and done.views.media.shape[0] == 4
-    panels, _ = token_panels(done.report, done.layouts, engine.family, done.views)
+    panels, _ = token_panels(done.report, done.layouts, engine.picture, done.views)
     (panel,) = panels
     assert "(video: kept per frame under each)" in panel.caption
     steps = 2 if engine.family == "Qwen2-VL" else 4  # Qwen packs 2 frames per temporal step
