@@ -264,6 +264,23 @@ def reference_run(family: str, case: str):
     return inputs, logits, tokens, positions
 
 
+SAMPLE = dict(max_new_tokens=3, min_new_tokens=3, do_sample=True, top_k=5, temperature=1.0)
+
+
+def sample(model, inputs, seed: int = 0) -> torch.Tensor:
+    """Sampled ``generate`` with a fixed seed (top-k 5)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        return model.generate(**inputs, **SAMPLE)
+
+
+@functools.cache
+def reference_sample(family: str, case: str) -> torch.Tensor:
+    """Sampled tokens of the unwrapped model for one case (fixed seed)."""
+    model, _ = model_and_processor(family)
+    return sample(model, reference_run(family, case)[0])
+
+
 def hook_state(model) -> list:
     """Every module's hooks and instance attributes (to check that ``unwrap`` restores them exactly)."""
     return [

@@ -5,7 +5,7 @@ Operator cases (``OPERATORS``) cover every stage: ``vision`` (ToMe in the CLIP/S
 an identity configuration that still runs the operator's real path (keep=1.0 through the hooks, FastV r=0
 through the layer hooks) and a reducing one. Contracts, per family, case and operator:
 
-* identity: fp32 logits within 1e-5 of the unwrapped model and the same greedy tokens;
+* identity: fp32 logits within 1e-5 of the unwrapped model, the same greedy tokens and the same sampled tokens;
 * counts: what the report says reached the LLM is what the LLM got, within the budget;
 * positions: prefill position ids are the unreduced ones gathered at the kept rows; decode positions equal
   the unreduced run's, step by step (also for a cached forward with ``position_ids=None``);
@@ -34,6 +34,8 @@ from conftest import (
     model_and_processor,
     pos3,
     reference_run,
+    reference_sample,
+    sample,
 )
 
 import vtr
@@ -119,12 +121,14 @@ def _wrapped(model, ops):
 def test_identity(family: str, case: str, op: str) -> None:
     inputs, ref_logits, ref_tokens, _ = reference_run(family, case)
     model, _ = model_and_processor(family)
+    ref_sampled = reference_sample(family, case)
     _wrapped(model, OPERATORS[op].identity())
     try:
         with torch.no_grad():
             logits = model(**inputs).logits
             report = model.vtr.report
             tokens = model.generate(**inputs, **GEN)
+            sampled = sample(model, inputs)
     finally:
         vtr.unwrap(model)
     # The operator really ran (a record of its stage for every sample with visual tokens).
@@ -134,6 +138,7 @@ def test_identity(family: str, case: str, op: str) -> None:
             assert any(r.sample == b and r.stage == stage for r in report.records), f"no {stage} record, sample {b}"
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)
+    assert torch.equal(sampled, ref_sampled)  # sampling goes through the same path
 
 
 # --------------------------------------------------------------------------------------------- counts, positions
