@@ -149,8 +149,14 @@ class DecoderHooks:
                     )
         self.op_layers: dict[int, list] = {}
         for op in self.ops:
-            layer = op.layer_index(n)
-            self.op_layers.setdefault(layer, []).append(op)
+            layers = list(op.layer_indices(n))
+            if not layers or layers != sorted(set(layers)) or not all(0 <= i < n for i in layers):
+                raise ValueError(
+                    f"{op.name} acts before decoder layers {layers}; expected ascending, distinct layers in "
+                    f"0..{n - 1} (the language model has {n} layers)"
+                )
+            for layer in layers:
+                self.op_layers.setdefault(layer, []).append(op)
         self.signal_layers: dict[int, set[str]] = {}
         for op in self.ops:
             for sig in op.required_signals(n):
@@ -266,7 +272,7 @@ class DecoderHooks:
                 t0 = time.perf_counter()
                 out = op.apply(tokens, ctx)
                 dt = time.perf_counter() - t0
-                if out.owner is not None or not bool(torch.isin(out.index, tokens.index).all()):
+                if not _is_subset(out, tokens):
                     raise ValueError(f"{op.name} merged or invented tokens in the prefill stage: only subsets allowed")
                 state.report.add(sample=b, stage="prefill", operator=op.name, before=tokens, after=out, seconds=dt)
                 tokens = out
@@ -327,8 +333,10 @@ class DecoderHooks:
     # ------------------------------------------------------------------ decode
     def _decode_layer(self, i: int, st: CallState, args, kwargs, hidden: Tensor, cache):
         lay = st.layers[i]
-        base_len = st.layers[0].length
-        if lay.length == base_len:
+        base = st.layers[0]
+        # The model's mask fits layer 0's cache: a layer with another length or other padding columns (a sample
+        # that kept all its rows can keep the batch length while the others shrank) needs its own.
+        if lay.length == base.length and torch.equal(lay.mask.to(base.mask.device), base.mask):
             return None
         past = int(cache.get_seq_length(i)) if cache is not None else lay.length
         q = hidden.shape[1]
@@ -344,6 +352,20 @@ class DecoderHooks:
         out = dict(kwargs)
         out["attention_mask"] = additive_mask(keys, q, hidden.dtype)
         return args, out
+
+
+def _is_subset(out, tokens) -> bool:
+    """``out`` holds some of ``tokens``' tokens unchanged (each once, same sizes): no token merged or invented.
+    Tokens merged by earlier stages (``owner`` set) may pass through."""
+    if len(out) > len(tokens) or len(torch.unique(out.index)) != len(out):
+        return False
+    if not bool(torch.isin(out.index, tokens.index).all()):
+        return False
+    if out.owner is None or len(out) == 0:
+        return True
+    order = torch.argsort(tokens.index)
+    where = order[torch.searchsorted(tokens.index[order], out.index)]
+    return torch.equal(out.sizes, tokens.sizes[where])
 
 
 def _compact_layer(layer_cache, lay: LayerState, pf: _Prefill, keep_index: list[Tensor], left: bool) -> LayerState:

@@ -40,6 +40,13 @@ class SpliceHooks:
 
     def __init__(self, adapter: Adapter) -> None:
         self.adapter = adapter
+        positions = adapter.reducer.recipe.positions
+        for op in adapter.reducer.pipeline.ops:
+            if positions not in op.position_modes:
+                raise ValueError(
+                    f"{op.name} supports positions={' or '.join(map(repr, op.position_modes))}, got "
+                    f"positions={positions!r}"
+                )
         self.handles: list[Any] = []
         self._labels: Tensor | None = None
         self._label_map = None

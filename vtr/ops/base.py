@@ -87,6 +87,8 @@ class Operator:
     signals: ClassVar[tuple[str, ...]] = ()
     #: The operator reads ``OpContext.query`` (the prompt text): ``wrap`` then needs a tokenizer.
     needs_query: ClassVar[bool] = False
+    #: Position conventions (``Recipe.positions``) the operator supports; ``wrap`` refuses the others.
+    position_modes: ClassVar[tuple[str, ...]] = ("original", "compact")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -170,6 +172,12 @@ class LayerOperator(Operator):
     def layer_index(self, n_layers: int) -> int:  # pragma: no cover - abstract
         """The decoder layer before which the operator acts, for a decoder of ``n_layers`` layers."""
         raise NotImplementedError
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        """Every decoder layer before which the operator acts (ascending); ``ctx.extras["layer"]`` tells
+        ``apply`` which one it runs before. Default: the single :meth:`layer_index`; operators that prune at
+        several layers (MustDrop) override this instead."""
+        return [self.layer_index(n_layers)]
 
 
 @dataclass
