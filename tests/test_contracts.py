@@ -40,7 +40,19 @@ from conftest import (
 
 import vtr
 from vtr.adapters.decoder import additive_mask
-from vtr.ops import DivPrune, FastV, Pool, Random, ToMe
+from vtr.ops import (
+    ATS,
+    DivPrune,
+    FastV,
+    HiRED,
+    MustDropCache,
+    MustDropFilter,
+    MustDropKeys,
+    MustDropMerge,
+    Pool,
+    Random,
+    ToMe,
+)
 from vtr.ops.base import resolve_keep
 
 PATCH_TOWER = {"llava", "llava_next", "llava_onevision"}  # ToMe merges inside these towers
@@ -59,6 +71,9 @@ class OpCase:
         exact_families: families the exact count applies to (default all).
         keep: the reducing budget (ratio of each image's rows), for the upper bound; in-tower operators budget
             each encoder sequence (tile), so for tiled families only ``count < n`` is checked.
+        identity_runs: the identity configuration leaves a record of ``stage``; ``False`` for methods that cannot
+            keep everything on their real path (ATS's sampler never keeps a block's lowest-score unit): their
+            identity row checks the no-op configuration, and the other rows the real path.
     """
 
     identity: Callable[[], list]
@@ -69,6 +84,24 @@ class OpCase:
     skip_cases: tuple[str, ...] = ()
     exact: Callable[[int], int] | None = None
     exact_families: frozenset[str] = field(default_factory=lambda: frozenset(FAMILIES))
+    identity_runs: bool = True
+
+
+def _mustdrop(merge: float, thresholds: tuple[float, float]) -> list:
+    """MustDrop's four operators; the tiny LLMs have 2 layers, so the one pruning layer is 0."""
+    return [
+        MustDropMerge(threshold=merge),
+        MustDropKeys(),
+        *_mustdrop_llm(thresholds),
+    ]
+
+
+def _mustdrop_llm(thresholds: tuple[float, float]) -> list:
+    g, i = thresholds
+    return [
+        MustDropFilter(layers=(0,), scale=False, global_thr=g, individual_thr=i),
+        MustDropCache(layers=(0,), scale=False),
+    ]
 
 
 OPERATORS: dict[str, OpCase] = {
@@ -97,6 +130,33 @@ OPERATORS: dict[str, OpCase] = {
         exact=lambda n: resolve_keep(0.3, n),
     ),
     "fastv": OpCase(lambda: [FastV(k=1, r=0.0)], lambda: [FastV(k=1, r=0.5)], "prefill", 1.0),
+    "ats": OpCase(
+        lambda: [ATS(blocks=())],
+        lambda: [ATS(keep=0.6)],
+        "vision",
+        0.6,
+        skip_cases=("video",),  # LLaVA-OneVision pools video frames on full grids
+        identity_runs=False,
+    ),
+    # HiRED budgets the padded AnyRes tiles ((k + 1) * P * beta), not the unpadded canvas rows: the ratio bound is
+    # looser than its keep; single-partition families keep exactly floor(beta * units).
+    "hired": OpCase(
+        lambda: [HiRED(keep=1.0)],
+        lambda: [HiRED(keep=0.3)],
+        "pre_llm",
+        0.4,
+        skip_cases=("video",),  # LLaVA-OneVision's pooled video frames carry no encoder scores
+        exact=lambda n: int(0.3 * n),
+        exact_families=frozenset({"llava", "qwen2_vl", "qwen2_5_vl"}),
+    ),
+    "mustdrop": OpCase(
+        lambda: _mustdrop(1.01, (0.0, 0.0)),
+        lambda: _mustdrop(0.04, (0.1, 0.3)),
+        "vision",
+        1.0,
+        skip_cases=("video",),
+    ),
+    "mustdrop_llm": OpCase(lambda: _mustdrop_llm((0.0, 0.0)), lambda: _mustdrop_llm((0.05, 0.2)), "decode", 1.0),
 }
 
 
@@ -134,7 +194,7 @@ def test_identity(family: str, case: str, op: str) -> None:
     # The operator really ran (a record of its stage for every sample with visual tokens).
     stage = OPERATORS[op].stage
     for b, n in enumerate(report.original_tokens):
-        if n:
+        if n and OPERATORS[op].identity_runs:
             assert any(r.sample == b and r.stage == stage for r in report.records), f"no {stage} record, sample {b}"
     torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=0)
     assert torch.equal(tokens, ref_tokens)

@@ -271,3 +271,26 @@ register(
     lambda: [_ops.QuoTA()],
     "QuoTA: query-aware frame budgets (vlm scorer, query decoupling, bilinear resize), pre-LLM (keep 1.0 of video)",
 )
+register(
+    "ats",
+    lambda: [_ops.ATS()],
+    "ATS: adaptive token sampling in the vision encoder (CLS attention x value norm; mean received on CLS-free "
+    "encoders) from block depth/4 to the feature layer; counts adapt per image",
+)
+register(
+    "hired",
+    lambda: [_ops.HiRED()],
+    "HiRED: per-image budgets for the full view and its tiles from early encoder attention, top tokens per "
+    "partition by feature-layer attention, pre-LLM (keep 0.2, alpha 0.5)",
+)
+register(
+    "mustdrop",
+    lambda: [_ops.MustDropMerge(), _ops.MustDropKeys(), _ops.MustDropFilter(), _ops.MustDropCache()],
+    "MustDrop: 3x3 window merge after encoder block 0, 8% key set, dual-attention filter at LLM layers "
+    "{2,6,10,14}/32 (preset 192|128|64), KV cache compacted from the first pruning layer",
+)
+register(
+    "mustdrop_vision",
+    lambda: [_ops.MustDropMerge(), _ops.MustDropKeys()],
+    "MustDrop's vision stage only: 3x3 window merge after encoder block 0 and the protected 8% key set",
+)

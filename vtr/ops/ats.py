@@ -13,12 +13,19 @@ Both work in fp32, as the official code does.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = ["ats_scores", "inverse_transform_sample"]
+from vtr.ops.base import OpContext, VisionOperator, validate_keep
+from vtr.tokens import TowerTokens
+
+__all__ = ["ATS", "SCORES", "ats_scores", "inverse_transform_sample", "resolve_score"]
 
 
 def ats_scores(cls_attn: Tensor, value_norms: Tensor, valid: Tensor | None = None) -> Tensor:
@@ -131,3 +138,142 @@ def _describe(t: object) -> str:
 
 
 # ---- operator
+
+#: Attention scores ATS can rank by: ``"auto"`` picks ``cls_attn`` (CLS encoders) or ``mean_received``.
+SCORES = ("auto", "cls_attn", "mean_received")
+
+
+def resolve_score(op: str, score: str, adapter) -> tuple[Any, str]:
+    """``(tower facts, signal kind)`` of a vision-signal operator on ``adapter``'s encoder.
+
+    ``score="auto"`` is ``cls_attn`` on encoders with a CLS token and ``mean_received`` (the mean attention each
+    token receives, vtr's CLS-free substitute) on the others. Raises ``ValueError`` naming the operator and the
+    family when the encoder cannot give vision signals, or when the score does not fit the encoder.
+    """
+    facts = adapter.tower() if "vision" in adapter.supported_stages else None
+    if facts is None:
+        raise ValueError(f"{op} needs the vision encoder; the {adapter.name} adapter cannot host vision-stage signals")
+    if facts.refuse is not None:
+        raise ValueError(f"{op} needs the vision encoder, which the {adapter.name} adapter cannot run: {facts.refuse}")
+    has_cls = facts.info.has_cls
+    if score == "auto":
+        return facts, "cls_attn" if has_cls else "mean_received"
+    if score == "cls_attn" and not has_cls:
+        raise ValueError(
+            f"{op}(score='cls_attn') needs a CLS token; the {adapter.name} encoder has none: use score='mean_received'"
+        )
+    if score == "mean_received" and has_cls:
+        raise ValueError(
+            f"{op}(score='mean_received') is vtr's substitute for CLS-free encoders; the {adapter.name} encoder has a "
+            "CLS token: use score='cls_attn' (or 'auto')"
+        )
+    return facts, score
+
+
+@dataclass
+class ATS(VisionOperator):
+    """Adaptive Token Sampling inside the vision encoder (spec ``ats.md``).
+
+    At every ATS block the units are scored by ``s_j = a_j * ||V_j||`` (``a``: the CLS row of the block's
+    attention, or the mean attention each unit receives on CLS-free encoders; for 2x2-unit encoders the product
+    is taken per patch slot and summed per unit), :func:`inverse_transform_sample` picks the kept units, and the
+    block's MLP runs on them only (the kept rows' attention outputs are the rows of the full attention, as in the
+    official code). Each encoder sequence (image, tile, frame) keeps its own, adaptive count; the runner pads and
+    masks. Kept units stay in raster order and keep their positions; CLS is never dropped.
+
+    Args:
+        blocks: ATS blocks (negative counts from the end); default ``floor(depth / 4)`` up to the block feeding
+            the features (3..11 on a 12-block ViT, 6..22 on LLaVA's CLIP-L). ``()`` disables ATS.
+        keep: ``n_samples``: ``None`` (default) = the units of the sequence at the encoder input; an int ``K``
+            samples ``K`` quantiles (at most ``K`` kept per block); a ratio ``r`` gives ``K = round(r * units)``.
+        score: ``"auto"``, ``"cls_attn"`` (encoders with CLS) or ``"mean_received"`` (CLS-free encoders).
+    """
+
+    blocks: tuple[int, ...] | None = None
+    keep: int | float | None = None
+    score: str = "auto"
+
+    def validate(self) -> None:
+        if self.blocks is not None:
+            if isinstance(self.blocks, (str, bytes)) or not isinstance(self.blocks, Sequence):
+                raise TypeError(f"ATS.blocks must be a sequence of encoder block indices, got {self.blocks!r}")
+            for b in self.blocks:
+                if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+                    raise TypeError(f"ATS.blocks must hold ints, got {b!r} in {self.blocks!r}")
+            self.blocks = tuple(int(b) for b in self.blocks)
+        if self.keep is not None:
+            self.keep = validate_keep(self.keep, "ATS.keep")
+        if self.score not in SCORES:
+            raise ValueError(f"ATS.score must be one of {SCORES}, got {self.score!r}")
+
+    def bind(self, adapter) -> ATS:
+        facts, kind = resolve_score("ATS", self.score, adapter)
+        info = facts.info
+        depth, last = info.num_blocks, info.feature_block
+        if self.blocks is None:
+            blocks = tuple(range(depth // 4, last + 1))
+        else:
+            blocks = tuple(sorted({b + depth if b < 0 else b for b in self.blocks}))
+            bad = [b for b in blocks if not 0 <= b <= last]
+            if bad:
+                raise ValueError(
+                    f"ATS blocks {list(self.blocks)}: block {bad[0]} is outside the {adapter.name} encoder's blocks "
+                    f"0..{last} that feed the features (depth {depth})"
+                )
+        pool = getattr(adapter.model, "global_pool", None) if not facts.reexpand else None
+        if pool not in (None, "token"):
+            # Sequences keep different counts (padding): a head averaging every token would count the padding.
+            raise ValueError(
+                f"ATS keeps a different number of tokens per image; this {adapter.name} pools all tokens "
+                f"(global_pool={pool!r}), which would average the padding: use a class-token model"
+            )
+        return dataclasses.replace(self, blocks=blocks, score=kind)
+
+    def _kind(self) -> str:
+        if self.score == "auto":
+            raise RuntimeError("ATS(score='auto') is resolved by bind(adapter): run it through vtr.wrap")
+        return self.score
+
+    def points(self, info) -> list[tuple[int, str]]:
+        blocks = self.blocks if self.blocks is not None else range(info.num_blocks // 4, info.feature_block + 1)
+        return [(b, "mid") for b in blocks]
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        if not self.blocks:
+            return ()
+        kind = self._kind()
+        return tuple(s for b in self.blocks for s in (f"{kind}@{b}", f"value_norm@{b}"))
+
+    def n_samples(self, units: int) -> int:
+        """Quantiles sampled for a sequence of ``units`` units at the encoder input."""
+        if self.keep is None:
+            return max(units, 1)
+        if isinstance(self.keep, int):
+            return self.keep
+        return max(1, round(self.keep * units))
+
+    def apply_tower(self, tokens: TowerTokens, ctx: OpContext) -> TowerTokens:
+        b = tokens.block
+        kind = self._kind()
+        names = (f"{kind}@{b}", f"value_norm@{b}")
+        missing = [n for n in names if n not in tokens.scores]
+        if missing:
+            raise ValueError(f"ATS at block {b} needs the signals {missing}: run it through vtr.wrap")
+        # [S, U, k]: product per patch slot, summed per unit; padding scores 0.
+        valid = tokens.valid
+        slots = valid.unsqueeze(-1).expand_as(tokens.scores[names[0]])
+        score = ats_scores(tokens.scores[names[0]], tokens.scores[names[1]], slots).sum(-1)
+        picks = []
+        for s in range(score.shape[0]):
+            rows = valid[s].nonzero().flatten()
+            h, w = tokens.grid[s]
+            sel = rows[inverse_transform_sample(score[s, rows], self.n_samples(h * w)).to(rows.device)]
+            sel = torch.unique(torch.cat([sel, rows[tokens.protected[s, rows]]]))  # protected units always stay
+            picks.append(sel[torch.argsort(tokens.index[s, sel])])  # raster order
+        k = max((len(p) for p in picks), default=0)
+        idx = torch.zeros(len(picks), k, dtype=torch.long, device=valid.device)
+        keep = torch.zeros(len(picks), k, dtype=torch.bool, device=valid.device)
+        for s, p in enumerate(picks):
+            idx[s, : len(p)] = p
+            keep[s, : len(p)] = True
+        return tokens.take(idx, keep)

@@ -15,14 +15,29 @@ Functional cores:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
-__all__ = ["MODES", "allocate_budgets", "select_partitions", "stable_topk_mask", "total_budget"]
+from vtr.ops.ats import SCORES, resolve_score
+from vtr.ops.base import OpContext, Operator, validate_keep
+from vtr.tokens import VisualTokens
+
+__all__ = [
+    "FULL_VIEWS",
+    "MODES",
+    "HiRED",
+    "allocate_budgets",
+    "select_partitions",
+    "stable_topk_mask",
+    "total_budget",
+]
 
 #: Budget allocation modes: ``"paper"`` (attention mass per spatial region) and ``"code"`` (official).
 MODES = ("paper", "code")
@@ -182,3 +197,199 @@ def _describe(t: object) -> str:
 
 
 # ---- operator
+
+#: Which encoder sequence of a tiled image is the full image: ``"first"`` (LLaVA-NeXT/OneVision base view),
+#: ``"last"`` (InternVL thumbnail); ``"auto"`` asks the model's adapter.
+FULL_VIEWS = ("auto", "first", "last")
+
+
+@dataclass
+class HiRED(Operator):
+    """HiRED before the LLM (spec ``hired.md``): per image, budgets for the full view and its sub-images from
+    early-layer attention, then each partition keeps its top tokens by feature-layer attention.
+
+    Partitions are the image's encoder sequences (``VisualTokens.encoder``): LLaVA-NeXT/OneVision's base view
+    then its AnyRes tiles, InternVL's crops then the thumbnail (the full image) LAST. Images with one sequence
+    (LLaVA-1.5, Qwen2-VL, untiled images) and videos are one partition: ``topk(c_final, floor(beta * U))``. Scores
+    are the CLS row of the encoder's attention (``cls_attn``), or on CLS-free encoders (SigLIP, Qwen2-VL) the
+    mean attention each unit receives (``mean_received``, a vtr extension), summed per token unit.
+
+    Args:
+        keep: a ratio ``beta`` in (0, 1] (budget ``floor((k + 1) * P * beta)`` for ``k`` sub-images of ``P``
+            units) or an int (the budget itself). ``keep=1.0`` keeps everything (the official code skips HiRED).
+        alpha: full-view share in [0, 1] (and the binarisation fraction ``1 - alpha`` of ``mode="code"``).
+        mode: budget allocation, ``"paper"`` (attention mass of the full-view region under each sub-image) or
+            ``"code"`` (the official code: counts of top tokens in raster stripes).
+        init_layer: encoder block of the allocation scores (default 0).
+        final_layer: encoder block of the selection scores (default: the block feeding the features).
+        score: ``"auto"``, ``"cls_attn"`` or ``"mean_received"``.
+        full_view: ``"auto"`` (the family's convention), ``"first"`` or ``"last"``.
+
+    Newline rows (LLaVA-NeXT/OneVision canvases) stay exactly for the canvas rows that keep a token; with
+    ``drop_newlines=True`` the adapter removes them all. Only units on the unpadded canvas compete, so padding
+    never takes budget (the spec's ``mask_padding=True``). The budgets and tile layouts of every image are in
+    ``report.details["hired"]``.
+    """
+
+    stage: ClassVar[str] = "pre_llm"
+
+    keep: int | float = 0.2
+    alpha: float = 0.5
+    mode: str = "paper"
+    init_layer: int = 0
+    final_layer: int | None = None
+    score: str = "auto"
+    full_view: str = "auto"
+
+    def validate(self) -> None:
+        self.keep = validate_keep(self.keep, "HiRED.keep")
+        self.alpha = _check_fraction("HiRED.alpha", self.alpha)
+        if self.mode not in MODES:
+            raise ValueError(f"HiRED.mode must be one of {MODES}, got {self.mode!r}")
+        _check_int("HiRED.init_layer", self.init_layer)
+        if self.final_layer is not None:
+            _check_int("HiRED.final_layer", self.final_layer)
+        if self.score not in SCORES:
+            raise ValueError(f"HiRED.score must be one of {SCORES}, got {self.score!r}")
+        if self.full_view not in FULL_VIEWS:
+            raise ValueError(f"HiRED.full_view must be one of {FULL_VIEWS}, got {self.full_view!r}")
+
+    def bind(self, adapter) -> HiRED:
+        facts, kind = resolve_score("HiRED", self.score, adapter)
+        info = facts.info
+        depth = info.num_blocks
+        layers = []
+        for name, value in (("init_layer", self.init_layer), ("final_layer", self.final_layer)):
+            layer = info.feature_block if value is None else value
+            i = layer + depth if layer < 0 else layer
+            if not 0 <= i < depth:
+                raise ValueError(f"HiRED.{name}={value}: the {adapter.name} encoder has blocks 0..{depth - 1}")
+            layers.append(i)
+        full = self.full_view
+        if full == "auto":
+            # The family states which tile is the full image (InternVL: the thumbnail, last); else the first.
+            full = "last" if callable(getattr(adapter, "thumbnail_group", None)) else "first"
+        return dataclasses.replace(self, init_layer=layers[0], final_layer=layers[1], score=kind, full_view=full)
+
+    def _names(self) -> tuple[str, str]:
+        if self.score == "auto" or self.final_layer is None:
+            raise RuntimeError("HiRED resolves its score and layers in bind(adapter): run it through vtr.wrap")
+        return f"{self.score}@{self.init_layer}", f"{self.score}@{self.final_layer}"
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(self._names()))
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        if isinstance(self.keep, float) and self.keep == 1.0:
+            return tokens  # beta = 1: the official code skips HiRED
+        if len(tokens) == 0:
+            return tokens
+        init, final = self._names()
+        if any(n not in tokens.scores for n in (init, final)) or tokens.encoder is None:
+            kinds = sorted({im.kind for im in tokens.layout})
+            raise ValueError(
+                f"HiRED has no vision-encoder scores ({init}, {final}) for this sample's {'/'.join(kinds)} rows: "
+                "run it through vtr.wrap on a model whose adapter maps them to encoder units (LLaVA-OneVision's "
+                "pooled video frames are not)"
+            )
+        details = ctx.extras.get("details")
+        parts = []
+        for i, im in enumerate(tokens.layout):
+            pos = (tokens.image == i).nonzero().flatten()
+            if len(pos) == 0:
+                continue
+            unit = tokens.take(pos)
+            kept, info = self._image(unit, im, init, final)
+            parts.append(unit.take(kept))
+            if details is not None:
+                details.setdefault("hired", []).append({"sample": ctx.sample, "image": i, **info})
+        return VisualTokens.cat(parts).sorted() if parts else tokens
+
+    # ------------------------------------------------------------------ one image
+    def _image(self, unit: VisualTokens, im, init: str, final: str) -> tuple[Tensor, dict]:
+        """Kept positions (into ``unit``, one image's rows) and what was decided."""
+        n_grid = sum(t * h * w for t, h, w in im.grids)
+        extra = (unit.index - im.offset) >= n_grid  # rows beyond the grids: newlines
+        seq, code = unit.encoder[:, 0], unit.encoder[:, 1]
+        from_unit = (code >= 0) & ~extra
+        if not bool(from_unit.any()):
+            raise ValueError(
+                f"HiRED: the rows of this {im.kind} carry no vision-encoder provenance (the adapter does not map them "
+                "to encoder units, e.g. LLaVA-OneVision's pooled video frames): it cannot be scored"
+            )
+        n_seq = int(seq[from_unit].max()) + 1
+        tiled = im.kind == "image" and n_seq > 1
+        score = unit.scores[final].float()
+        if not tiled:
+            cand = from_unit.nonzero().flatten()
+            budget = min(self.keep, n_grid) if isinstance(self.keep, int) else total_budget(1, n_grid, self.keep)
+            kept = cand[_top(score[cand], code[cand], budget)]
+            info = {"partitions": 1, "budgets": [budget], "grid": None}
+        else:
+            full = 0 if self.full_view == "first" else n_seq - 1
+            subs = [s for s in range(n_seq) if s != full]
+            _, gh, gw = im.grids[0 if self.full_view == "first" else -1]
+            p = gh * gw
+            grid, how = _tile_layout(unit, seq, code, subs, gw, from_unit)
+            attn0 = torch.zeros(p, dtype=torch.float32, device=score.device)
+            rows = (from_unit & (seq == full)).nonzero().flatten()
+            attn0[code[rows]] = unit.scores[init][rows].float()
+            total = self.keep if isinstance(self.keep, int) else total_budget(len(subs) + 1, p, self.keep)
+            budgets = allocate_budgets(attn0, grid, total, self.alpha, self.mode)
+            picks = []
+            for s, n in zip([full, *subs], budgets, strict=True):
+                cand = (from_unit & (seq == s)).nonzero().flatten()
+                picks.append(cand[_top(score[cand], code[cand], n)])
+            kept = torch.cat(picks)
+            info = {"partitions": len(subs) + 1, "budgets": budgets, "grid": list(grid), "layout": how}
+        kept = torch.unique(torch.cat([kept, unit.protected.nonzero().flatten()]))
+        return torch.unique(torch.cat([kept, _newlines(unit, im, extra, kept)])), info
+
+
+def _top(score: Tensor, code: Tensor, k: int) -> Tensor:
+    """Positions of the ``k`` highest ``score`` (ties to the lowest unit ``code``)."""
+    by_code = torch.argsort(code, stable=True)
+    order = torch.sort(score[by_code], descending=True, stable=True).indices
+    return by_code[order[: max(k, 0)]]
+
+
+def _tile_layout(
+    unit: VisualTokens, seq: Tensor, code: Tensor, subs: list[int], gw: int, from_unit: Tensor
+) -> tuple[tuple[int, int], str]:
+    """``(n_h, n_w)`` of the sub-images, row-major, and how it was found.
+
+    On a canvas (LLaVA-NeXT/OneVision) every sub-image's units sit at a constant offset from their canvas
+    coordinates: the distinct row and column offsets count the tile rows and columns. Where sub-images are
+    separate groups (InternVL) their layout is not in the model's inputs (the processor keeps it): the most
+    square ``n_h x n_w = k`` with ``n_h <= n_w`` is assumed (InternVL's choice for landscape and square images).
+    """
+    k = len(subs)
+    off_h, off_w = set(), set()
+    for s in subs:
+        rows = (from_unit & (seq == s)).nonzero().flatten()
+        if len(rows):
+            c = unit.coords[rows]
+            off_h.update((c[:, 1] - code[rows] // gw).tolist())
+            off_w.update((c[:, 2] - code[rows] % gw).tolist())
+    if len(off_h) * len(off_w) == k and (len(off_h) > 1 or len(off_w) > 1 or k == 1):
+        return (len(off_h), len(off_w)), "canvas"
+    n_h = max(d for d in range(1, math.isqrt(k) + 1) if k % d == 0)
+    return (n_h, k // n_h), "assumed"
+
+
+def _newlines(unit: VisualTokens, im, extra: Tensor, kept: Tensor) -> Tensor:
+    """Newline rows to keep: the one closing each canvas row that keeps a token (rows beyond the canvas, e.g. an
+    untiled image's trailing newline, stay when anything of the image stays)."""
+    rows = extra.nonzero().flatten()
+    if len(rows) == 0 or len(kept) == 0:
+        return rows[:0]
+    rows = rows[torch.argsort(unit.index[rows])]
+    last = len(im.grids) - 1
+    _, gh, _ = im.grids[last]
+    in_canvas = kept[(unit.frame[kept] == last) & ~extra[kept]]
+    has = torch.zeros(len(rows), dtype=torch.bool, device=rows.device)
+    lines = unit.coords[in_canvas, 1].unique() if len(im.grids) > 1 else in_canvas[:0]
+    has[lines[lines < len(rows)]] = True
+    if len(rows) > gh or len(im.grids) == 1:
+        has[gh if len(im.grids) > 1 else 0 :] = True
+    return rows[has]

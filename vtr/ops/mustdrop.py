@@ -15,21 +15,35 @@ Functional cores:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
+from vtr.ops.ats import SCORES, resolve_score
+from vtr.ops.base import CacheOperator, LayerOperator, OpContext, Operator, VisionOperator
+from vtr.tokens import TowerTokens, VisualTokens
+
 __all__ = [
     "DEFAULT_LAYERS",
     "KEY_RATE",
+    "KEY_SCORES",
+    "PLACEMENTS",
     "PRESETS",
+    "MustDropCache",
+    "MustDropFilter",
+    "MustDropKeys",
+    "MustDropMerge",
     "dual_attention_keep",
     "key_set",
     "layer_averaged_count",
     "preset_thresholds",
+    "pruning_layers",
     "scale_layers",
     "window_merge",
 ]
@@ -269,3 +283,364 @@ def _describe(t: object) -> str:
 
 
 # ---- operator
+
+#: Where :class:`MustDropMerge` acts: ``"auto"`` (in the encoder where the family can host it, else after the
+#: projector), ``"vision"`` (after encoder block ``block``) or ``"pre_llm"`` (on the LLM-input tokens).
+PLACEMENTS = ("auto", "vision", "pre_llm")
+#: Key-set scores: ``"auto"`` (``cls_attn`` or ``mean_received`` by encoder), explicit, or ``"none"`` (no key set).
+KEY_SCORES = (*SCORES, "none")
+
+
+def _extra_rows(tokens: VisualTokens) -> Tensor:
+    """``[N]`` bool: rows beyond their image's grids (LLaVA-NeXT/OneVision newline rows)."""
+    n_grid = torch.tensor([sum(t * h * w for t, h, w in im.grids) for im in tokens.layout], dtype=torch.long)
+    offset = torch.tensor([im.offset for im in tokens.layout], dtype=torch.long)
+    img = tokens.image.cpu()
+    return ((tokens.index.cpu() - offset[img]) >= n_grid[img]).to(tokens.index.device)
+
+
+def _window_assignment(sources: Tensor, order: Tensor, n: int) -> tuple[Tensor, Tensor]:
+    """``(assign [n], rep [K])`` of one merged sequence: outputs re-sorted to raster order of their anchors.
+
+    ``sources`` is the ``[K, w^2]`` map of :func:`window_merge` (padded with -1, anchor last); ``order`` the
+    permutation of its outputs by anchor.
+    """
+    src = sources[order]
+    anchor = src.max(dim=1).values  # the bottom-right source (the last valid entry)
+    assign = torch.full((n,), -1, dtype=torch.long, device=src.device)
+    out = torch.arange(len(src), device=src.device).unsqueeze(1).expand_as(src)
+    assign[src[src >= 0]] = out[src >= 0]
+    return assign, anchor
+
+
+@dataclass
+class MustDropMerge(VisionOperator):
+    """MustDrop stage A1 (spec ``mustdrop.md``): after encoder block 0, every ``window x window`` window of the
+    unit grid whose units are nearly identical (mean pairwise cosine ``>= threshold``) becomes one unit, their
+    mean, at the position of the window's bottom-right unit (its anchor).
+
+    Units are the family's token unit (a patch; a 2x2 unit on Qwen2-VL and InternVL, whose mean is taken per patch
+    slot so the merger/pixel shuffle still sees 4 patches). Each encoder sequence (image, tile, frame) is merged on
+    its own: the official batch minimum of merged windows only kept tensor lengths equal, which padding makes
+    unnecessary, so a tile's result never depends on the other tiles.
+
+    Args:
+        window: window side (>= 2; 3 in the paper).
+        threshold: merge windows whose similarity is at least this (0.8).
+        block: encoder block after which the merge runs (0).
+        placement: ``"auto"`` (inside the encoder where the family can host it, else after the projector),
+            ``"vision"`` or ``"pre_llm"`` (on each image/frame's LLM-input tokens: the spec's documented variant for
+            LLaVA-OneVision videos, whose frames the model pools 2x2 on full grids after the encoder).
+    """
+
+    window: int = 3
+    threshold: float = 0.8
+    block: int = 0
+    placement: str = "auto"
+
+    position_modes: ClassVar[tuple[str, ...]] = ("original",)
+
+    def validate(self) -> None:
+        if _check_int("MustDropMerge.window", self.window) < 2:
+            raise ValueError(f"MustDropMerge.window must be >= 2, got {self.window}")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, numbers.Real) or not math.isfinite(t):
+            raise ValueError(f"MustDropMerge.threshold must be a finite number (0.8 in the paper), got {t!r}")
+        if _check_int("MustDropMerge.block", self.block) < 0:
+            raise ValueError(f"MustDropMerge.block must be >= 0 (an encoder block), got {self.block}")
+        if self.placement not in PLACEMENTS:
+            raise ValueError(f"MustDropMerge.placement must be one of {PLACEMENTS}, got {self.placement!r}")
+
+    @property
+    def stage(self) -> str:  # type: ignore[override]
+        return "pre_llm" if self.placement == "pre_llm" else "vision"
+
+    def bind(self, adapter) -> MustDropMerge:
+        if self.placement == "pre_llm":
+            return self
+        facts = adapter.tower() if "vision" in adapter.supported_stages else None
+        reason = (
+            "it has no vision stage"
+            if facts is None
+            else facts.refuse
+            if facts.refuse is not None
+            else f"it has a {facts.info.unit!r} token unit"
+            if facts.info.unit not in self.units
+            else None
+        )
+        if reason is not None:
+            if self.placement == "vision":
+                raise ValueError(
+                    f"MustDropMerge cannot act in the {adapter.name} encoder ({reason}): use placement='pre_llm'"
+                )
+            return dataclasses.replace(self, placement="pre_llm")
+        if self.block > facts.info.feature_block:
+            raise ValueError(
+                f"MustDropMerge.block={self.block}: the {adapter.name} encoder's features come from block "
+                f"{facts.info.feature_block}"
+            )
+        return dataclasses.replace(self, placement="vision")
+
+    def points(self, info) -> list[tuple[int, str]]:
+        return [(self.block, "post")]
+
+    def apply_tower(self, tokens: TowerTokens, ctx: OpContext) -> TowerTokens:
+        s_count, u_max, _ = tokens.x.shape
+        dev = tokens.x.device
+        intact = tokens.valid.sum(1) == torch.tensor([h * w for h, w in tokens.grid], device=dev)
+        rows = torch.arange(u_max, device=dev).expand(s_count, u_max)
+        if not bool(intact.all()) or not bool(torch.where(tokens.valid, tokens.index == rows, True).all()):
+            raise ValueError("MustDropMerge needs every unit of the grid (an earlier vision operator changed them)")
+        outs = []
+        for s in range(s_count):
+            h, w = tokens.grid[s]
+            x, _, sources = window_merge(tokens.x[s : s + 1, : h * w], (h, w), self.window, self.threshold)
+            order = torch.argsort(sources[0].max(dim=1).values)
+            assign, anchor = _window_assignment(sources[0], order, u_max)
+            outs.append((assign, x[0][order], anchor))
+        k = max(len(a) for _, _, a in outs)
+        assign = torch.stack([a for a, _, _ in outs])
+        x = tokens.x.new_zeros(s_count, k, tokens.x.shape[-1])
+        rep = torch.zeros(s_count, k, dtype=torch.long, device=dev)
+        valid = torch.zeros(s_count, k, dtype=torch.bool, device=dev)
+        for s, (_, xs, anchor) in enumerate(outs):
+            x[s, : len(xs)] = xs
+            rep[s, : len(anchor)] = anchor
+            valid[s, : len(anchor)] = True
+        return tokens.merge(assign, x, rep, valid)
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        if self.placement != "pre_llm":
+            raise TypeError("this MustDropMerge acts inside the vision encoder: use it through vtr.wrap")
+        if len(tokens) == 0:
+            return tokens
+        extra = _extra_rows(tokens)
+        parts = [tokens.take(extra.nonzero().flatten())] if bool(extra.any()) else []
+        for i, im in enumerate(tokens.layout):
+            start = im.offset
+            for g, (t, h, w) in enumerate(im.grids):
+                for f in range(t):
+                    lo = start + f * h * w
+                    pos = ((tokens.image == i) & ~extra & (tokens.index >= lo) & (tokens.index < lo + h * w)).nonzero()
+                    pos = pos.flatten()
+                    if len(pos) == 0:
+                        continue
+                    frame = tokens.take(pos[torch.argsort(tokens.index[pos])])
+                    if len(frame) != h * w or frame.owner is not None:
+                        raise ValueError(
+                            f"MustDropMerge (pre_llm) needs the intact token grid of image {i}, group {g}: an earlier "
+                            "operator changed it"
+                        )
+                    x, _, sources = window_merge(frame.embeds[None], (h, w), self.window, self.threshold)
+                    order = torch.argsort(sources[0].max(dim=1).values)
+                    assign, anchor = _window_assignment(sources[0], order, len(frame))
+                    parts.append(frame.merge(assign, x[0][order], anchor))
+                start += t * h * w
+        return VisualTokens.cat(parts).sorted()
+
+
+@dataclass
+class MustDropKeys(Operator):
+    """MustDrop stage A2: the key set, protected from every later stage (the prefill filter, other operators).
+
+    Per encoder sequence (image, tile, frame), the stable top ``ceil(rate * n)`` of its ``n`` remaining units by
+    the attention of the LAST encoder block (``layer``): the CLS row, or on CLS-free encoders the mean attention
+    each unit receives (summed per token unit). Newline rows are protected too. Runs before the LLM (``pre_llm``)
+    because the last block comes after the feature layer on LLaVA (CLS attention of block 23, features of 22).
+
+    Args:
+        rate: share of the units kept as keys (0.08).
+        score: ``"auto"``, ``"cls_attn"``, ``"mean_received"`` or ``"none"`` (no key set: for rows the encoder
+            cannot score, e.g. LLaVA-OneVision videos with ``MustDropMerge(placement="pre_llm")``).
+        layer: encoder block of the scores (-1: the last).
+    """
+
+    stage: ClassVar[str] = "pre_llm"
+    position_modes: ClassVar[tuple[str, ...]] = ("original",)
+
+    rate: float = KEY_RATE
+    score: str = "auto"
+    layer: int = -1
+
+    def validate(self) -> None:
+        r = self.rate
+        if isinstance(r, bool) or not isinstance(r, numbers.Real) or not 0.0 < float(r) <= 1.0:
+            raise ValueError(f"MustDropKeys.rate must be a number in (0, 1], got {r!r}")
+        self.rate = float(r)
+        if self.score not in KEY_SCORES:
+            raise ValueError(f"MustDropKeys.score must be one of {KEY_SCORES}, got {self.score!r}")
+        _check_int("MustDropKeys.layer", self.layer)
+
+    def bind(self, adapter) -> MustDropKeys:
+        if self.score == "none":
+            return self
+        facts, kind = resolve_score("MustDropKeys", self.score, adapter)
+        depth = facts.info.num_blocks
+        layer = self.layer + depth if self.layer < 0 else self.layer
+        if not 0 <= layer < depth:
+            raise ValueError(f"MustDropKeys.layer={self.layer}: the {adapter.name} encoder has blocks 0..{depth - 1}")
+        return dataclasses.replace(self, score=kind, layer=layer)
+
+    def _signal(self) -> str | None:
+        if self.score == "none":
+            return None
+        if self.score == "auto" or self.layer < 0:
+            raise RuntimeError("MustDropKeys resolves its score and layer in bind(adapter): run it through vtr.wrap")
+        return f"{self.score}@{self.layer}"
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        name = self._signal()
+        return () if name is None else (name,)
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        if len(tokens) == 0:
+            return tokens
+        extra = _extra_rows(tokens)
+        protected = tokens.protected | extra
+        name = self._signal()
+        if name is not None:
+            if name not in tokens.scores or tokens.encoder is None:
+                raise ValueError(f"MustDropKeys needs the vision-stage signal {name!r}: run it through vtr.wrap")
+            score = tokens.scores[name].float()
+            seq, code = tokens.encoder[:, 0], tokens.encoder[:, 1]
+            for i, im in enumerate(tokens.layout):
+                mine = (tokens.image == i) & ~extra
+                if not bool(mine.any()):
+                    continue
+                if not bool((code[mine] >= 0).all()):
+                    raise ValueError(
+                        f"MustDropKeys: the rows of this {im.kind} carry no vision-encoder provenance (e.g. "
+                        "LLaVA-OneVision's pooled video frames), so they have no key scores: use score='none'"
+                    )
+                for s in seq[mine].unique().tolist():
+                    rows = (mine & (seq == s)).nonzero().flatten()
+                    rows = rows[torch.argsort(tokens.index[rows])]
+                    protected[rows[key_set(score[rows], self.rate)]] = True
+        return dataclasses.replace(tokens, protected=protected)
+
+
+def pruning_layers(op: str, layers: Sequence[int], scale: bool, reference_depth: int, n_layers: int) -> list[int]:
+    """MustDrop's prefill pruning layers for an LLM of ``n_layers``.
+
+    A pruning layer needs a later layer that sees its result. Scaled layers (``round(l * n_layers /
+    reference_depth)``) that land on the last layer are left out, which happens only on very shallow LLMs (the
+    default ``P`` keeps all four from 9 layers on); explicit layers (``scale=False``) must fit. Raises
+    ``ValueError`` naming ``op`` and the layers when none is left or an explicit layer does not fit.
+    """
+    last = n_layers - 1
+    if scale:
+        out = [layer for layer in scale_layers(layers, depth=n_layers, reference_depth=reference_depth) if layer < last]
+    else:
+        out = sorted(set(layers))
+    if not out or out[-1] >= last:
+        how = f", scaled from a {reference_depth}-layer LLM" if scale else ""
+        raise ValueError(
+            f"{op}.layers={list(layers)}{how}: a pruning layer needs a later layer to see the pruned set, and the "
+            f"language model has layers 0..{last}"
+        )
+    return out
+
+
+@dataclass
+class _MustDropLayers:
+    """Fields shared by the prefill filter and the cache compaction (overrides set both)."""
+
+    layers: tuple[int, ...] = DEFAULT_LAYERS
+    scale: bool = True
+    reference_depth: int = 32
+
+    def _validate_layers(self, op: str) -> None:
+        if isinstance(self.layers, (str, bytes)) or not isinstance(self.layers, Sequence):
+            raise TypeError(f"{op}.layers must be a sequence of LLM layer indices, got {self.layers!r}")
+        self.layers = tuple(_check_int(f"{op}.layers[{i}]", v) for i, v in enumerate(self.layers))
+        if not self.layers or min(self.layers) < 0:
+            raise ValueError(f"{op}.layers must be non-empty LLM layer indices >= 0, got {list(self.layers)}")
+        if not isinstance(self.scale, bool):
+            raise TypeError(f"{op}.scale must be True or False, got {self.scale!r}")
+        if _check_int(f"{op}.reference_depth", self.reference_depth) < 1:
+            raise ValueError(f"{op}.reference_depth must be >= 1, got {self.reference_depth}")
+
+    def pruning_layers(self, n_layers: int) -> list[int]:
+        """The layers ``P`` after which visual tokens are dropped, for an LLM of ``n_layers``."""
+        return pruning_layers(type(self).__name__, self.layers, self.scale, self.reference_depth, n_layers)
+
+
+@dataclass
+class MustDropFilter(_MustDropLayers, LayerOperator):
+    """MustDrop stage B, dual-attention filtering in prefill: after each layer ``l`` of ``P`` (``{2, 6, 10, 14}``
+    on 32 layers, scaled by ``round(l * depth / 32)``), drop the visual tokens that the text rows attend to
+    weakly both in total and individually (:func:`dual_attention_keep` on the text rows' attention recomputed
+    from layer ``l``'s q/k); key-set and newline rows are never dropped. Layer ``l`` itself sees its whole input.
+
+    Args:
+        layers: ``P``, in layers of a ``reference_depth``-layer LLM when ``scale`` (default), else absolute.
+        preset: thresholds tuned on LLaVA-1.5-7B for 192 / 128 / 64 layer-averaged tokens (``"192"``, ...).
+        global_thr, individual_thr: override the preset's thresholds.
+    """
+
+    preset: str = "192"
+    global_thr: float | None = None
+    individual_thr: float | None = None
+
+    position_modes: ClassVar[tuple[str, ...]] = ("original",)
+
+    def validate(self) -> None:
+        self._validate_layers("MustDropFilter")
+        preset_thresholds(self.preset)  # raises naming the allowed presets
+        self.preset = str(self.preset)
+        for name in ("global_thr", "individual_thr"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(v)):
+                raise ValueError(f"MustDropFilter.{name} must be a finite number or None (the preset's), got {v!r}")
+
+    @property
+    def thresholds(self) -> tuple[float, float]:
+        """``(global_thr, individual_thr)`` in force."""
+        g, i = preset_thresholds(self.preset)
+        return (
+            g if self.global_thr is None else float(self.global_thr),
+            i if self.individual_thr is None else float(self.individual_thr),
+        )
+
+    def layer_indices(self, n_layers: int) -> list[int]:
+        return [layer + 1 for layer in self.pruning_layers(n_layers)]
+
+    def layer_index(self, n_layers: int) -> int:
+        return self.layer_indices(n_layers)[0]
+
+    def required_signals(self, n_layers: int) -> tuple[str, ...]:
+        return tuple(f"text_rows_attn@{layer}" for layer in self.pruning_layers(n_layers))
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        if len(tokens) == 0:
+            return tokens
+        layer = ctx.extras.get("layer")
+        name = None if layer is None else f"text_rows_attn@{layer - 1}"
+        if name not in tokens.scores:
+            raise ValueError(
+                f"MustDropFilter needs the signal {name or 'text_rows_attn@<l>'!r}: run it through vtr.wrap"
+            )
+        keep = dual_attention_keep(tokens.scores[name].T, *self.thresholds, tokens.protected.nonzero().flatten())
+        return tokens if len(keep) == len(tokens) else tokens.take(keep)
+
+
+@dataclass
+class MustDropCache(_MustDropLayers, CacheOperator):
+    """MustDrop stage C, after prefill: the KV cache of every layer from the first pruning layer ``min(P)`` on
+    keeps the text rows plus the final visual set (what the last layer saw); earlier layers keep theirs.
+
+    Layer 0 always keeps its cache (decode positions are counted from it), which matters only when ``min(P) = 0``
+    (LLMs of 8 layers or fewer with the default ``P``). Use the same ``layers`` as :class:`MustDropFilter`.
+    """
+
+    position_modes: ClassVar[tuple[str, ...]] = ("original",)
+
+    def validate(self) -> None:
+        self._validate_layers("MustDropCache")
+
+    def cache_layers(self, n_layers: int) -> list[int]:
+        first = self.pruning_layers(n_layers)[0]
+        return list(range(max(first, 1), n_layers))
+
+    def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
+        return tokens  # the final set: what the last layer saw
