@@ -272,8 +272,10 @@ class HiRED(Operator):
         return dataclasses.replace(self, init_layer=layers[0], final_layer=layers[1], score=kind, full_view=full)
 
     def _names(self) -> tuple[str, str]:
-        if self.score == "auto" or self.final_layer is None:
-            raise RuntimeError("HiRED resolves its score and layers in bind(adapter): run it through vtr.wrap")
+        if self.score == "auto" or self.final_layer is None or self.full_view == "auto":
+            raise RuntimeError(
+                "HiRED resolves its score, layers and full view in bind(adapter): run it through vtr.wrap"
+            )
         return f"{self.score}@{self.init_layer}", f"{self.score}@{self.final_layer}"
 
     def required_signals(self, n_layers: int) -> tuple[str, ...]:
