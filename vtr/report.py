@@ -78,7 +78,9 @@ class Report:
                 slot = torch.full((len(after),), -1, dtype=torch.long, device=pos.device)
                 slot[pos] = torch.arange(len(pos), device=pos.device)
                 o = owner[im.offset : im.offset + im.n_tokens]
-                groups = torch.where(o >= 0, slot[o.clamp_min(0)], o).tolist()
+                # One extra -1 slot for dropped units (also when nothing is left).
+                slot = torch.cat([slot, slot.new_full((1,), -1)])
+                groups = slot[torch.where(o >= 0, o, len(after))].tolist()
             images.append(ImageRecord(i, int((before.image == i).sum()), len(kept), kept, groups))
         self.records.append(StageRecord(sample, stage, operator, len(before), len(after), seconds, images))
 

@@ -237,7 +237,7 @@ class VisualTokens:
             den = mass.view(-1, *[1] * (v.ndim - 1))
             scores[name] = torch.where(den > 0, num / den.clamp_min(1e-12), v[rep]).to(val.dtype)
         o = self.owner_map()
-        owner = torch.where(o >= 0, assign[o.clamp_min(0)], o)
+        owner = torch.cat([assign, assign.new_full((1,), -1)])[torch.where(o >= 0, o, n)]
         return replace(
             self,
             embeds=embeds.to(self.embeds.dtype),
@@ -293,9 +293,9 @@ class VisualTokens:
 
 def _reindex_owner(owner: Tensor, idx: Tensor, n: int) -> Tensor:
     """Owner map after keeping the tokens at positions ``idx`` (of ``n``): others become ``-1``."""
-    inv = torch.full((n,), -1, dtype=torch.long, device=owner.device)
+    inv = torch.full((n + 1,), -1, dtype=torch.long, device=owner.device)  # slot n: dropped units (also when n = 0)
     inv[idx.to(owner.device)] = torch.arange(len(idx), device=owner.device)
-    return torch.where(owner >= 0, inv[owner.clamp_min(0)], owner)
+    return inv[torch.where(owner >= 0, owner, n)]
 
 
 def _grid_coords(im: ImageLayout) -> tuple[Tensor, Tensor]:
