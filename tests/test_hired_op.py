@@ -225,3 +225,25 @@ def test_timm_cannot_host_hired():
 def test_bad_fields(kwargs, match):
     with pytest.raises(ValueError, match=match):
         HiRED(**kwargs)
+
+
+def test_official_next_setting_from_its_config():
+    """``configs/hired_next_code.yaml``: code allocation, newline rows dropped, compact positions on LLaVA-NeXT."""
+    from pathlib import Path
+
+    model, processor = model_and_processor("llava_next")
+    inputs = build_inputs(processor, family_cases(FAMILIES["llava_next"])["image-b3"])
+    config = Path(__file__).parents[1] / "configs" / "hired_next_code.yaml"
+    vtr.wrap(model, config)
+    try:
+        with torch.no_grad():
+            model.generate(**inputs, max_new_tokens=2, do_sample=False)
+        report, state = model.vtr.report, model.vtr.adapter.last
+    finally:
+        vtr.unwrap(model)
+    for b, layout in enumerate(report.layouts):
+        (im,) = layout
+        assert im.n_tokens == sum(t * h * w for t, h, w in im.grids)  # no newline rows at all
+        budget = int((len(report.details["hired"][b]["budgets"])) * im.grids[0][1] * im.grids[0][2] * 0.2)
+        assert report.tokens_out(b) <= budget
+        assert bool(state.splice.shift[b] > 0)  # positions re-indexed

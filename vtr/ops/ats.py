@@ -9,6 +9,9 @@ Functional cores:
   spaced quantiles; the unique picks are the kept tokens, so the count adapts to the score distribution.
 
 Both work in fp32, as the official code does.
+
+Operator: :class:`ATS` (``vision`` stage), at the mid point of every ATS block (after the attention residual,
+before the MLP) on the encoder's token units; :func:`resolve_score` picks the attention signal for an encoder.
 """
 
 from __future__ import annotations

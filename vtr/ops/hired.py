@@ -11,6 +11,8 @@ Functional cores:
   ``mode="code"``: the official count of binarised top tokens in raster stripes);
 * :func:`stable_topk_mask` / :func:`select_partitions`: per-partition top-k by the final-layer CLS attention,
   ties to the lowest index, kept indices ascending.
+
+Operator: :class:`HiRED` (``pre_llm``, with vision signals captured at the two encoder blocks).
 """
 
 from __future__ import annotations

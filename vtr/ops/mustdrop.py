@@ -11,6 +11,11 @@ Functional cores:
   and individually;
 * :func:`scale_layers`, :data:`PRESETS` / :func:`preset_thresholds`: the prefill layers and thresholds;
 * :func:`layer_averaged_count`: the paper's token count, averaged over the LLM layers.
+
+Operators, one per stage (recipe ``mustdrop`` chains all four, ``mustdrop_vision`` the first two):
+:class:`MustDropMerge` (``vision``, after encoder block 0), :class:`MustDropKeys` (``pre_llm``: the key set, from the
+last encoder block's attention), :class:`MustDropFilter` (``prefill``, after each pruning layer) and
+:class:`MustDropCache` (``decode``: the KV caches from the first pruning layer on). Only original positions.
 """
 
 from __future__ import annotations
