@@ -247,3 +247,17 @@ def test_official_next_setting_from_its_config():
         budget = int((len(report.details["hired"][b]["budgets"])) * im.grids[0][1] * im.grids[0][2] * 0.2)
         assert report.tokens_out(b) <= budget
         assert bool(state.splice.shift[b] > 0)  # positions re-indexed
+
+
+@pytest.mark.parametrize("recipe", ["hired", "ats", "mustdrop"])
+def test_resized_onevision_canvases_are_refused(recipe):
+    """``anyres_max`` canvases the model resizes cannot receive encoder results (README: where not, and why)."""
+    from conftest import Sample
+
+    from vtr.testing import tiny_llava_onevision
+
+    model, processor = tiny_llava_onevision(vision_aspect_ratio="anyres_max_1")
+    inputs = build_inputs(processor, [Sample(images=((64, 40),))])
+    vtr.wrap(model, recipe)
+    with pytest.raises(ValueError, match="cannot be placed on the LLaVA-OneVision canvas"), torch.no_grad():
+        model(**inputs)
