@@ -403,3 +403,49 @@ def test_timm_cannot_host_mustdrop():
 def test_bad_fields(cls, kwargs, err, match):
     with pytest.raises(err, match=match):
         cls(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("recipe", "overrides", "match"),
+    [
+        ("hired", {"keep": 0}, "HiRED.keep must be an int >= 1"),
+        ("hired", {"alpha": -0.1}, r"HiRED.alpha must be a number in \[0, 1\]"),
+        ("ats", {"keep": 2.5}, r"ATS.keep must be a float in \(0, 1\]"),
+        ("mustdrop", {"preset": "100"}, "preset must be one of"),
+        ("mustdrop", {"layers": (40,)}, r"layers \[40\] scaled to depth 2 give layer 2"),
+        ("mustdrop", {"layers": (1,), "scale": False}, "a pruning layer needs a later layer"),
+    ],
+)
+def test_bad_budgets_and_layers_of_the_recipes_at_wrap(recipe, overrides, match):
+    model, _ = model_and_processor("llava")
+    with pytest.raises(ValueError, match=match):
+        vtr.wrap(model, recipe, **overrides)
+    assert not vtr.is_wrapped(model)
+
+
+def test_in_tower_merge_follows_the_block0_window_similarities():
+    """Through ``wrap`` on LLaVA: exactly the windows of block 0's output whose similarity reaches the threshold
+    merge (the threshold sits at the median, so about half of them), each into its bottom-right patch."""
+    from vtr.ops.mustdrop import _window_indices, _window_similarity, window_merge
+
+    model, processor = model_and_processor("llava")
+    inputs = build_inputs(processor, family_cases(FAMILIES["llava"])["image-b1"])
+    with torch.no_grad():
+        hidden = model.model.vision_tower(inputs["pixel_values"], output_hidden_states=True).hidden_states[1][:, 1:]
+    sim = _window_similarity(hidden, _window_indices(16, 16, 3, hidden.device))[0]
+    threshold = float(sim.median())
+    _, _, sources = window_merge(hidden, (16, 16), 3, threshold)
+    merged = sources[0][(sources[0] >= 0).sum(1) == 9]
+    assert 0 < len(merged) < len(sim)
+    want = sorted(set(range(256)) - set(merged[:, :-1].flatten().tolist()))  # every window keeps its anchor
+    vtr.wrap(model, MustDropMerge(threshold=threshold))
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        report = model.vtr.report
+    finally:
+        vtr.unwrap(model)
+    assert report.kept(0, 0) == want
+    groups = report.records[-1].images[0].groups
+    for window in merged.tolist():
+        assert len({groups[i] for i in window}) == 1  # one token covers the whole window
