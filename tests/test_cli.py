@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+import vtr
 from vtr.cli import main
 
 SAMPLE = Path(__file__).resolve().parents[1] / "assets" / "sample.png"
@@ -58,7 +59,7 @@ def test_recipes_lists_names(capsys):
     ("argv", "message"),
     [
         (["--image", "missing.png"], "image file not found: missing.png"),
-        (["--recipe", "nope"], "unknown recipe 'nope'; available recipes: divprune"),
+        (["--recipe", "nope"], f"unknown recipe 'nope'; available recipes: {', '.join(vtr.recipes.names())}"),
     ],
 )
 def test_run_errors(capsys, argv, message):
