@@ -449,3 +449,45 @@ def test_in_tower_merge_follows_the_block0_window_similarities():
     groups = report.records[-1].images[0].groups
     for window in merged.tolist():
         assert len({groups[i] for i in window}) == 1  # one token covers the whole window
+
+
+def test_chains_keep_the_key_set_and_report_every_stage():
+    """MustDrop's vision stage in front of DivPrune and FastV: both keep every key; the report lists each stage,
+    the visual tokens per LLM layer and the KV bytes per layer."""
+    from vtr.ops import DivPrune, FastV
+
+    keys: list[set[int]] = []
+
+    @dataclasses.dataclass
+    class Keys(MustDropKeys):
+        def apply(self, tokens, ctx):
+            out = super().apply(tokens, ctx)
+            keys.append(set(out.index[out.protected].tolist()))
+            return out
+
+    model, processor = model_and_processor("llava")
+    inputs = build_inputs(processor, family_cases(FAMILIES["llava"])["multi-b3"])
+    vtr.wrap(model, [MustDropMerge(threshold=0.04), Keys(), DivPrune(keep=0.1), FastV(k=1, keep=4)])
+    try:
+        with torch.no_grad():
+            model(**inputs)
+        report = model.vtr.report
+    finally:
+        vtr.unwrap(model)
+    for b in range(inputs["input_ids"].shape[0]):
+        recs = [r for r in report.records if r.sample == b]
+        assert [(r.stage, r.operator) for r in recs] == [
+            ("vision", "MustDropMerge"),
+            ("pre_llm", "Keys"),
+            ("pre_llm", "DivPrune"),
+            ("prefill", "FastV"),
+        ]
+        n_keys = sum(math.ceil(0.08 * im.tokens_out) for im in recs[1].images)
+        assert len(keys[b]) == n_keys
+        for rec in recs[2:]:
+            offsets = [im.offset for im in report.layouts[b]]
+            kept = {off + i for im, off in zip(rec.images, offsets, strict=True) for i in im.kept}
+            assert keys[b] <= kept, rec.operator
+        assert n_keys <= recs[3].tokens_out <= n_keys + 4
+        assert report.layer_tokens[b] == [recs[2].tokens_out, recs[3].tokens_out]
+        assert report.kv_bytes[b][1] < report.kv_bytes[b][0]
