@@ -364,15 +364,13 @@ class MustDropMerge(VisionOperator):
         if self.placement == "pre_llm":
             return self
         facts = adapter.tower() if "vision" in adapter.supported_stages else None
-        reason = (
-            "it has no vision stage"
-            if facts is None
-            else facts.refuse
-            if facts.refuse is not None
-            else f"it has a {facts.info.unit!r} token unit"
-            if facts.info.unit not in self.units
-            else None
-        )
+        reason = None
+        if facts is None:
+            reason = "it has no vision stage"
+        elif facts.refuse is not None:
+            reason = facts.refuse
+        elif facts.info.unit not in self.units:
+            reason = f"it has a {facts.info.unit!r} token unit"
         if reason is not None:
             if self.placement == "vision":
                 raise ValueError(
