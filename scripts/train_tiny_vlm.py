@@ -172,10 +172,18 @@ def patchify(frames: np.ndarray) -> torch.Tensor:
 class AuxHeads(nn.Module):
     """Per-token heads on the merger output: colour (6) and shape (6) of the object under each 28-px cell."""
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, align_weight: float = 0.0):
         super().__init__()
         self.colour = nn.Linear(dim, len(synthqa.COLOURS) + 1)
         self.shape = nn.Linear(dim, len(synthqa.SHAPES) + 1)
+        self.align_weight = align_weight
+        # Fixed random codes: a cell should be code(colour) + code(shape) of its object, index 0 = background (a
+        # fixed direction too: a near-zero target would be blown up to noise by the LLM's RMSNorm).
+        g = torch.Generator().manual_seed(1234)
+        codes_c = torch.randn(len(synthqa.COLOURS) + 1, dim, generator=g)
+        codes_s = torch.randn(len(synthqa.SHAPES) + 1, dim, generator=g)
+        self.register_buffer("codes_c", codes_c, persistent=False)
+        self.register_buffer("codes_s", codes_s, persistent=False)
 
     def loss(self, feats: torch.Tensor, cc: torch.Tensor, cs: torch.Tensor) -> tuple[torch.Tensor, float]:
         """``feats`` ``[B*64, D]``; ``cc``/``cs`` ``[B*64]`` labels. Object cells weigh 5x background."""
@@ -185,6 +193,10 @@ class AuxHeads(nn.Module):
         total = 0.0
         for head, y in ((self.colour, cc), (self.shape, cs)):
             total = total + (F.cross_entropy(head(f), y, reduction="none") * w).sum() / w.sum()
+        if self.align_weight:
+            target = self.codes_c[cc] + self.codes_s[cs]
+            mse = ((f - target) ** 2).mean(-1)
+            total = total + self.align_weight * (mse * w).sum() / w.sum()
         with torch.no_grad():
             ok = (self.colour(f).argmax(-1) == cc) & (self.shape(f).argmax(-1) == cs)
             acc = ok[obj].float().mean().item() if obj.any() else 0.0
@@ -484,6 +496,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=240)
     ap.add_argument("--ckpt-every", type=int, default=50)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--align-weight",
+        type=float,
+        default=0.0,
+        help="weight of an MSE pulling each image token (merger output) to code(colour) + code(shape) of its object "
+        "(fixed random codes; one code for background): clean, separable visual tokens the LLM learns to bind quickly",
+    )
+    ap.add_argument(
+        "--reinit-llm",
+        action="store_true",
+        help="with --resume: fresh (seeded) LLM and LM head, fresh optimiser, and a new full stage (warm-up, images "
+        "first, then videos) up to --budget-min; keeps the trained vision tower and merger",
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--check", action="store_true", help="verify the hand-built batches against the processor, exit")
     args = ap.parse_args(argv)
@@ -498,7 +523,7 @@ def main(argv: list[str] | None = None) -> int:
     fast_patch_embed(model)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    heads = AuxHeads(model.config.vision_config.hidden_size)
+    heads = AuxHeads(model.config.vision_config.hidden_size, args.align_weight)
     tower = list(model.model.visual.parameters()) + list(heads.parameters())
     opt_pre = torch.optim.AdamW(tower, lr=1e-3, weight_decay=0.01)
     opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
@@ -513,6 +538,13 @@ def main(argv: list[str] | None = None) -> int:
         opt.load_state_dict(saved["opt"])
         state = saved["state"]
         print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
+        if args.reinit_llm:
+            fresh, _ = build_model(args.seed + 1)
+            model.model.language_model.load_state_dict(fresh.model.language_model.state_dict())
+            model.lm_head.load_state_dict(fresh.lm_head.state_dict())
+            opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
+            state.update(pre_end=state["step"], full_t0=state["elapsed"], video_step=None, best=-1.0)
+            print(f"fresh LLM: a new full stage from step {state['step']}", flush=True)
     val_img = synthqa.split("validation", args.eval_n, task="image")
     val_desc = synthqa.split("validation", args.eval_n // 3, task="describe")
     val_vid = synthqa.split("validation", args.eval_n, task="video")
