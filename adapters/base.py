@@ -345,7 +345,8 @@ class Adapter:
         if "prefill" in stages or "decode" in stages:
             hooks.append(DecoderHooks(self))
         n_blocks = self.vision_info.num_blocks if "vision" in self.supported_stages else 0
-        signals = [sig for op in reducer.pipeline.ops for sig in op.required_signals(n_blocks)]
+        encoder_ops = [op for op in reducer.pipeline.ops if op.stage in ("vision", "pre_llm")]
+        signals = [sig for op in encoder_ops for sig in op.required_signals(n_blocks)]
         wants_signals = any(sig.partition("@")[0] in VISION_SIGNALS for sig in signals)
         if "vision" in stages or wants_signals:
             if "vision" not in self.supported_stages:

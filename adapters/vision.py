@@ -178,6 +178,8 @@ class VisionHooks:
                 self.points.setdefault((block, point), []).append(op)
         self.signals: dict[int, set[str]] = {}
         for op in pipeline.ops:
+            if op.stage not in ("vision", "pre_llm"):  # their signals come from the language model
+                continue
             for sig in op.required_signals(n):
                 kind, _, layer = sig.partition("@")
                 if kind not in VISION_SIGNALS:

@@ -101,7 +101,12 @@ class Operator:
         return type(self).__name__
 
     def required_signals(self, n_layers: int) -> tuple[str, ...]:
-        """Named signals the adapter must capture (``kind@layer``); ``n_layers`` resolves negative layers."""
+        """Named signals the adapter must capture (``kind@layer``).
+
+        ``n_layers`` is the depth of the module the signals come from, to resolve negative layers: the vision
+        encoder's blocks for ``vision`` and ``pre_llm`` operators, the language model's layers for ``prefill`` and
+        ``decode`` operators.
+        """
         return self.signals
 
     def bind(self, adapter) -> Operator:

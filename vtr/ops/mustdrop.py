@@ -612,13 +612,7 @@ class MustDropFilter(_MustDropLayers, LayerOperator):
         return self.layer_indices(n_layers)[0]
 
     def required_signals(self, n_layers: int) -> tuple[str, ...]:
-        # Signal planning also asks every operator with the VISION encoder's depth (to find vision signals); layers
-        # that do not fit that depth are not an error there: the decoder hooks validate them against the LLM's.
-        try:
-            layers = self.pruning_layers(n_layers)
-        except ValueError:
-            return ()
-        return tuple(f"text_rows_attn@{layer}" for layer in layers)
+        return tuple(f"text_rows_attn@{layer}" for layer in self.pruning_layers(n_layers))
 
     def apply(self, tokens: VisualTokens, ctx: OpContext) -> VisualTokens:
         if len(tokens) == 0:
