@@ -1,4 +1,4 @@
-"""Train the bundled tiny VQA LLaVA (``assets/tiny-vqa-llava``) on :mod:`vtr.synthqa`. CPU, seeded, resumable.
+"""Train the bundled tiny VQA LLaVA (``assets/tiny-vqa-llava``) on :mod:`vtr.bench.synthqa_v1`. CPU, seeded, resumable.
 
 Two stages:
 
@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vtr import synthqa
+from vtr.bench import synthqa_v1 as synthqa
 from vtr.testing import tiny_llava
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)

@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from vtr.profile import decoder_prefill_flops, interleaved_medians, vit_flops
+from vtr.profile import decoder_decode_flops, decoder_prefill_flops, interleaved_medians, vit_flops
 
 
 def test_decoder_flops_hand_computed():
@@ -26,6 +26,25 @@ def test_decoder_flops_hand_computed():
     mlp = 2 * n * 8 * 16 * 3
     attn = 2 * 2 * 2 * head_dim * n * (n + 1) / 2
     assert decoder_prefill_flops(cfg, n) == 2 * (proj + mlp + attn) + 2 * 8 * 10
+
+
+def test_decode_step_flops_hand_computed():
+    """One new token per layer: its projections and MLP, attention over the layer's cache plus itself, LM head."""
+    cfg = SimpleNamespace(
+        hidden_size=8,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        vocab_size=10,
+        hidden_act="silu",
+    )
+    head_dim = 4
+    proj = 2 * (8 * 2 * head_dim * 2 + 8 * 1 * head_dim * 2)
+    mlp = 2 * 8 * 16 * 3
+    attn = [2 * 2 * 2 * head_dim * (kv + 1) for kv in (5, 2)]  # scores and weighted sum over kv + 1 keys
+    assert decoder_decode_flops(cfg, [5, 2]) == 2 * (proj + mlp) + sum(attn) + 2 * 8 * 10
+    assert decoder_decode_flops(cfg, [5, 5]) > decoder_decode_flops(cfg, [5, 2])
 
 
 def test_vit_flops_hand_computed():

@@ -9,7 +9,14 @@ from typing import Any
 
 import torch
 
-__all__ = ["decoder_layerwise_flops", "decoder_prefill_flops", "interleaved_medians", "vit_block_flops", "vit_flops"]
+__all__ = [
+    "decoder_decode_flops",
+    "decoder_layerwise_flops",
+    "decoder_prefill_flops",
+    "interleaved_medians",
+    "vit_block_flops",
+    "vit_flops",
+]
 
 
 def _mlp_matrices(cfg: Any) -> int:
@@ -42,6 +49,17 @@ def decoder_layerwise_flops(cfg: Any, rows: list[int]) -> float:
     return (
         sum(decoder_prefill_flops(cfg, n, layers=1, head=False) for n in rows) + 2.0 * cfg.hidden_size * cfg.vocab_size
     )
+
+
+def decoder_decode_flops(cfg: Any, kv_rows: list[int]) -> float:
+    """FLOPs of one decoding step (one new token) when layer ``l`` attends to ``kv_rows[l]`` cached rows:
+    projections and MLP of one row per layer, its attention over the cache, and the LM head."""
+    h = cfg.hidden_size
+    heads = cfg.num_attention_heads
+    head_dim = getattr(cfg, "head_dim", None) or h // heads
+    one_row = decoder_prefill_flops(cfg, 1, layers=1, head=False) - 2 * 2 * heads * head_dim  # no self-attn term
+    attn = sum(2 * 2 * heads * head_dim * (n + 1) for n in kv_rows)
+    return float(len(kv_rows) * one_row + attn + 2 * h * cfg.vocab_size)
 
 
 def vit_block_flops(cfg: Any, n_in: int, n_mid: int | None = None) -> float:

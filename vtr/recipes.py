@@ -40,6 +40,7 @@ __all__ = [
     "load_recipe",
     "names",
     "operator_classes",
+    "parse_spec",
     "register",
 ]
 
@@ -128,6 +129,33 @@ def apply_overrides(chain: list[Operator], overrides: dict[str, Any]) -> list[Op
         mine = {k: v for k, v in overrides.items() if k in fields}
         out.append(dataclasses.replace(op, **mine) if mine else op)
     return out
+
+
+def parse_spec(text: str) -> tuple[str, dict[str, Any]]:
+    """A recipe with inline settings, as the benches take it on the command line.
+
+    ``"tome:keep=192,prop_attn=false"`` -> ``("tome", {"keep": 192, "prop_attn": False})``; values become
+    int, float, bool or None where they parse as one, else stay strings.
+    """
+    name, _, rest = text.partition(":")
+    if not name:
+        raise ValueError(f"bad recipe setting {text!r}: expected recipe[:field=value,...]")
+    overrides: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq or not key:
+            raise ValueError(f"bad recipe setting {text!r}: expected recipe[:field=value,...]")
+        overrides[key] = _literal(value)
+    return name, overrides
+
+
+def _literal(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return {"true": True, "false": False, "none": None}.get(text.lower(), text)
 
 
 def build(recipe: str | Operator | list[Operator] | Recipe, **overrides: Any) -> Recipe:

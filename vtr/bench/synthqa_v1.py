@@ -1,5 +1,9 @@
 """Synthetic visual question answering: the measuring instrument for token-reduction quality.
 
+This is the generator the bundled ``tiny-vqa-llava`` was trained on and ``vtr bench quality`` measures it
+with. :mod:`vtr.bench.synthqa` is its successor (descriptions, clips, word-level answers with an end token)
+for the next bundled model; the two stay apart because a model is only measured on its own distribution.
+
 Every image is 224x224 with a few small coloured shapes on a noisy, textured grey background, so each
 answer depends on a handful of small regions — exactly what visual token reduction can destroy.
 Everything is deterministic: sample ``i`` of a split is a pure function of ``(split, i, seed)``.
