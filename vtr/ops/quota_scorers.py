@@ -105,13 +105,19 @@ class VLMScorer:
         """Token ids of the yes and no answers; ``ValueError`` unless each is one known, distinct token."""
         tok = _tokenizer(self.processor)
         words = ("A", "B") if self.answer == "letter" else ("yes", "no")
+        other = "vlm_answer='word' (yes/no)" if self.answer == "letter" else "vlm_answer='letter' (A/B)"
+        hint = f"; try QuoTA {other} or scorer='clip'"
         ids = []
         for word in words:
             enc = tok.encode(word, add_special_tokens=False)
             if len(enc) != 1:
-                raise ValueError(f"the tokenizer splits the answer {word!r} into {len(enc)} tokens; need exactly one")
+                raise ValueError(
+                    f"the tokenizer splits the answer {word!r} into {len(enc)} tokens; need exactly one{hint}"
+                )
             if tok.unk_token_id is not None and enc[0] == tok.unk_token_id:
-                raise ValueError(f"the tokenizer has no token for the answer {word!r} (it maps to the unknown token)")
+                raise ValueError(
+                    f"the tokenizer has no token for the answer {word!r} (it maps to the unknown token){hint}"
+                )
             ids.append(int(enc[0]))
         if ids[0] == ids[1]:
             raise ValueError(f"the answers {words} map to the same token id {ids[0]}")
