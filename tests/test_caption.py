@@ -416,7 +416,7 @@ def test_caption_speed_benchmark_runs_on_a_tiny_setting(tmp_path, tiny_model, ca
 def _bundled_video_model() -> bool:
     from vtr.models import bundled_model_dir
 
-    config = bundled_model_dir() / "config.json"
+    config = bundled_model_dir("video") / "config.json"
     if not config.is_file():
         return False
     archs = json.loads(config.read_text()).get("architectures") or []

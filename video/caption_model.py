@@ -24,12 +24,12 @@ ERROR_STAGES = ("video", "caption", "ray")
 
 
 def model_label(model: str | None) -> str:
-    """The ``model`` field of a record: the id or path given, or ``bundled:<name>`` for the bundled model."""
+    """The ``model`` field of a record: the id or path given, or ``bundled:<name>`` for the bundled video model."""
     if model is not None:
         return model
     from vtr.models import bundled_model_dir
 
-    return f"bundled:{bundled_model_dir().name}"
+    return f"bundled:{bundled_model_dir('video').name}"
 
 
 def recipe_label(recipe: str, keep: int | float | None) -> str:
@@ -150,7 +150,7 @@ class Captioner:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
-        self.model, self.processor = load_model(model, dtype=dtype, device=device)
+        self.model, self.processor = load_model(model, kind="video", dtype=dtype, device=device)
         self.model_name = model_label(model)
         if getattr(self.processor, "video_processor", None) is None:
             raise ValueError(

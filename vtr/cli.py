@@ -42,11 +42,16 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="answer one prompt about an image or a video, baseline and reduced side by side")
     media = run.add_mutually_exclusive_group(required=True)
     media.add_argument("--image", help="path to an image file")
-    media.add_argument("--video", help="path to a video file (needs a video model: Qwen2-VL, LLaVA-OneVision)")
+    media.add_argument(
+        "--video",
+        help="path to a video file (for video models: Qwen2-VL/2.5-VL, LLaVA-OneVision; default the bundled one)",
+    )
     run.add_argument("--prompt", required=True, help="question or instruction about the image or video")
     run.add_argument("--frames", type=int, default=None, help="video: frames sampled uniformly (default 8)")
     run.add_argument("--fps", type=float, default=None, help="video: sample at this rate instead of --frames")
-    run.add_argument("--model", default=None, help="Hugging Face id or local path (default: bundled tiny model)")
+    run.add_argument(
+        "--model", default=None, help="Hugging Face id or local path (default: the bundled tiny image or video model)"
+    )
     run.add_argument("--recipe", default="divprune", help="recipe name or YAML path (see `vtr recipes`)")
     run.add_argument("--keep", type=_keep, default=None, help="budget: int count or float ratio (recipe default)")
     run.add_argument("--positions", choices=("original", "compact"), default=None, help="position ids of kept tokens")
@@ -95,7 +100,7 @@ def _add_caption_parser(sub) -> None:
     cap.add_argument("--frames", type=int, help="frames sampled uniformly per video (default 8)")
     cap.add_argument("--fps", type=float, help="sample at this rate instead of a fixed count")
     cap.add_argument("--max-frames", type=int, help="cap on the frames of one video")
-    cap.add_argument("--model", help="Hugging Face id or local path (default: bundled model)")
+    cap.add_argument("--model", help="Hugging Face id or local path (default: the bundled video model)")
     cap.add_argument("--batch-size", type=int, help="videos per generate call (default 4)")
     cap.add_argument("--workers", type=int, help="decode worker processes, local engine (default 2)")
     cap.add_argument("--retry-errors", action="store_true", default=None, help="redo videos recorded with an error")
@@ -150,13 +155,14 @@ def _cmd_recipes() -> int:
     return 0
 
 
-def _load_model_or_explain(load_model, args: argparse.Namespace):
-    """``load_model`` whose failures to find the model are one ``FileNotFoundError`` line, not a traceback."""
+def _load_model_or_explain(load_model, args: argparse.Namespace, kind: str = "image"):
+    """``load_model`` whose failures to find the model are one ``FileNotFoundError`` line, not a traceback;
+    ``kind`` picks the bundled model when ``--model`` is not given."""
     name = args.model
     if name is not None and _looks_like_path(name) and not Path(name).expanduser().exists():
         raise FileNotFoundError(f"--model {name}: no such folder (give a saved Hugging Face model folder or a hub id)")
     try:
-        return load_model(name, dtype=args.dtype, device=args.device)
+        return load_model(name, kind=kind, dtype=args.dtype, device=args.device)
     except FileNotFoundError:  # already one line (e.g. a folder without config.json)
         raise
     except OSError as exc:  # transformers: neither a local folder nor resolvable on the hub (offline, typo, ...)
@@ -195,7 +201,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # the CLI prints a table; weight-loading bars only clutter it
-    model, processor = _load_model_or_explain(load_model, args)
+    model, processor = _load_model_or_explain(load_model, args, kind="image" if clip is None else "video")
     if clip is not None:
         from vtr.video import video_inputs
 
@@ -241,7 +247,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         rows.append(("LLM prefill GFLOPs", f"{f0 / 1e9:.3f}", f"{f1 / 1e9:.3f} ({100 * f1 / f0:.1f}%)"))
     w0 = max(len(r[0]) for r in rows)
     w1 = max(len(r[1]) for r in rows)
-    print(f"model: {args.model or 'bundled tiny model'}   recipe: {recipe_desc}")
+    bundled = f"bundled {'image' if clip is None else 'video'} model"
+    print(f"model: {args.model or bundled}   recipe: {recipe_desc}")
     print(f"prompt: {args.prompt}")
     if video_line:
         print(f"video: {args.video}: {video_line}")
