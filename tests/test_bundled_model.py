@@ -6,8 +6,8 @@ import pytest
 import torch
 
 import vtr
-from vtr import synthqa
 from vtr.bench import quality
+from vtr.bench import synthqa_v1 as synthqa
 from vtr.models import bundled_model_dir, load_model
 
 pytestmark = pytest.mark.skipif(
@@ -28,7 +28,7 @@ def bundled():
 def subset(bundled):
     _, processor = bundled
     samples = synthqa.split("test", N_SUBSET)
-    return samples, quality.prepare_batches(processor, samples, batch_size=50)
+    return samples, quality.split_batches(processor, samples, 50, synthqa)
 
 
 @pytest.fixture(scope="module")
@@ -64,7 +64,7 @@ def test_greedy_generation_answers_with_the_answer_word(bundled, subset, referen
     """The first greedily generated word agrees with the logit-argmax metric (and is usually right)."""
     model, processor = bundled
     samples, batches = subset
-    inputs = batches[0]
+    inputs = batches["qa"][0]
     out = model.generate(**inputs, max_new_tokens=2, do_sample=False)
     words = [processor.decode(o[inputs["input_ids"].shape[1]:], skip_special_tokens=True).split() for o in out]
     first = [w[0] if w else "" for w in words]
