@@ -409,7 +409,8 @@ def test_caption_speed_benchmark_runs_on_a_tiny_setting(tmp_path, tiny_model, ca
     assert rows["storm"]["visual_tokens_after"] < rows["none"]["visual_tokens_after"] == rows["none"][
         "visual_tokens_before"]  # fmt: skip
     assert rows["none"]["steady_videos_per_min"] > 0
-    assert "recipe 'nope' is not registered in this installation: skipped" in results["meta"]["notes"]
+    note = "recipe 'nope' is neither registered in this installation nor a YAML file: skipped"
+    assert note in results["meta"]["notes"]
     assert (out / "results.png").stat().st_size > 0 and "| local-w1 | storm |" in (out / "results.md").read_text()
 
 

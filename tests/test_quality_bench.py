@@ -135,7 +135,10 @@ def test_a_recipe_that_cannot_run_is_listed_as_skipped(tmp_path, monkeypatch):
     monkeypatch.setattr(vtr, "wrap", refuse)
     res = _run(tmp_path, "image", ["divprune", "random"], "--no-plot")
     assert res["rows"] == {}
-    assert res["skipped"] == {"divprune": "divprune cannot act on this model", "random": "random cannot act on this model"}
+    assert res["skipped"] == {
+        "divprune": "divprune cannot act on this model",
+        "random": "random cannot act on this model",
+    }
     assert "Skipped: divprune: divprune cannot act" in (tmp_path / "quality_image.md").read_text()
 
 

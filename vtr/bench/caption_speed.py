@@ -193,10 +193,10 @@ def run(args: argparse.Namespace) -> int:
     notes: list[str] = []
     recipes = []
     for name in wanted:
-        if name == "none" or name in registry.names():
+        if name == "none" or name in registry.names() or Path(name).is_file():  # a name or a YAML recipe
             recipes.append(name)
         else:
-            notes.append(f"recipe {name!r} is not registered in this installation: skipped")
+            notes.append(f"recipe {name!r} is neither registered in this installation nor a YAML file: skipped")
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
     if load > 1.5:
         notes.append(f"load average {load:.1f} when starting: other work competes for the CPU, figures are noisy")
