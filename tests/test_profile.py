@@ -10,8 +10,9 @@ import pytest
 from vtr.profile import decoder_decode_flops, decoder_prefill_flops, interleaved_medians, vit_flops
 
 
-def test_decoder_flops_hand_computed():
-    cfg = SimpleNamespace(
+def _tiny_decoder() -> SimpleNamespace:
+    """8-d, 2 layers, 2 query heads sharing 1 KV head (head_dim 4), gated MLP 16, vocabulary 10."""
+    return SimpleNamespace(
         hidden_size=8,
         intermediate_size=16,
         num_hidden_layers=2,
@@ -20,6 +21,10 @@ def test_decoder_flops_hand_computed():
         vocab_size=10,
         hidden_act="silu",
     )
+
+
+def test_decoder_flops_hand_computed():
+    cfg = _tiny_decoder()
     n = 3
     head_dim = 4
     proj = 2 * n * (8 * 2 * head_dim * 2 + 8 * 1 * head_dim * 2)  # q,o full; k,v with one kv head
@@ -30,15 +35,7 @@ def test_decoder_flops_hand_computed():
 
 def test_decode_step_flops_hand_computed():
     """One new token per layer: its projections and MLP, attention over the layer's cache plus itself, LM head."""
-    cfg = SimpleNamespace(
-        hidden_size=8,
-        intermediate_size=16,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        vocab_size=10,
-        hidden_act="silu",
-    )
+    cfg = _tiny_decoder()
     head_dim = 4
     proj = 2 * (8 * 2 * head_dim * 2 + 8 * 1 * head_dim * 2)
     mlp = 2 * 8 * 16 * 3

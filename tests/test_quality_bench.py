@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 import pytest
 
@@ -46,6 +47,16 @@ def test_plan_for_videos_has_per_frame_and_whole_clip_budgets():
         ("random", "random (whole clip)", {"keep": 0.25, "scope": "image"}),
     ]
     assert ("storm", "storm:k=1,p=2", {"k": 1, "p": 2}) in plan
+
+
+def test_plan_labels_a_yaml_recipe_by_its_name():
+    path = str(Path(__file__).resolve().parents[1] / "configs" / "quota_word.yaml")
+    plan = quality._plan([path], [0.25], quality.VIDEO_SCOPES)
+    assert [(label, overrides) for _, label, overrides in plan] == [
+        ("quota_word (per frame)", {"keep": 0.25, "scope": "frame"}),
+        ("quota_word (whole clip)", {"keep": 0.25, "scope": "image"}),
+    ]
+    assert all(recipe == path for recipe, _, _ in plan)
 
 
 def test_plan_rejects_unknown_recipes_and_bad_keeps():
