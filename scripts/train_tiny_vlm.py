@@ -48,6 +48,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vtr.bench import synthqa
+from vtr.testing import QWEN_CHAT_TEMPLATE
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
@@ -57,24 +58,6 @@ TEMPORAL = 2
 MAX_NEW_TOKENS = 64  # the longest description (6 objects) is 43 tokens with its end token
 IMAGE_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "exist": 1.2, "left_right": 1.6, "top_bottom": 1.2}
 VIDEO_WEIGHTS = {"few_frames": 1.5, "exist": 1.0, "when": 1.5}
-SPECIALS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
-
-#: Chat template: ``USER: <|vision_start|><|image_pad|><|vision_end|> question ASSISTANT: answer</s> ...``
-CHAT_TEMPLATE = (
-    "{% for message in messages %}"
-    "{% if message['role'] == 'user' %}USER: {% else %}ASSISTANT: {% endif %}"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for item in message['content'] %}"
-    "{% if item['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|> "
-    "{% elif item['type'] == 'video' %}<|vision_start|><|video_pad|><|vision_end|> "
-    "{% elif item['type'] == 'text' %}{{ item['text'] }} {% endif %}"
-    "{% endfor %}{% endif %}"
-    "{% if message['role'] != 'user' %}</s> {% endif %}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}ASSISTANT:{% endif %}"
-)
-
-
 def build_model(seed: int):
     """The untrained model and its ``Qwen2VLProcessor`` (word-level tokenizer over :data:`synthqa.WORDS`)."""
     from transformers import (
@@ -85,13 +68,9 @@ def build_model(seed: int):
         Qwen2VLVideoProcessor,
     )
 
-    from vtr.testing import build_word_tokenizer
+    from vtr.testing import qwen_tokenizer
 
-    tok = build_word_tokenizer(
-        synthqa.WORDS,
-        special_tokens=SPECIALS,
-        named_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"},
-    )
+    tok = qwen_tokenizer(synthqa.WORDS)  # the tiny test Qwens' word tokenizer, over the synthetic vocabulary
     ids = tok.convert_tokens_to_ids
     hidden, heads = 192, 4
     config = Qwen2VLConfig(
@@ -153,7 +132,7 @@ def build_model(seed: int):
             cap_pixels_per_frame=True,
         ),
         tokenizer=tok,
-        chat_template=CHAT_TEMPLATE,
+        chat_template=QWEN_CHAT_TEMPLATE,
     )
     return model.eval(), processor
 
