@@ -308,13 +308,16 @@ def _plan(
     """
     import vtr
 
-    known = vtr.recipes.names()
     plan: list[tuple[str, str, dict[str, Any]]] = []
     for spec in specs:
         name, overrides = vtr.recipes.parse_spec(spec)
-        if name not in known and not Path(name).is_file():
-            raise ValueError(f"unknown recipe {name!r} in --recipes; registered: {known} (or a YAML file)")
-        shown = name if name in known else (vtr.load_recipe(name).name or Path(name).stem)
+        try:  # a registered name or a YAML file, checked (and a YAML file parsed) before any model runs
+            recipe = vtr.recipes.load_recipe(name)
+        except FileNotFoundError:
+            raise ValueError(
+                f"unknown recipe {name!r} in --recipes; registered: {vtr.recipes.names()} (or a YAML file)"
+            ) from None
+        shown = name if name in vtr.recipes.names() else (recipe.name or Path(name).stem)
         if overrides:
             plan.append((name, spec, overrides))
         elif name in DEFAULT_SETTINGS:
