@@ -287,6 +287,56 @@ def test_image_pixels_and_cell_labels():
     assert ((s.scene.cell_colour > 0) == (s.scene.cell_shape > 0)).all()
 
 
+@settings(max_examples=15, deadline=None)
+@given(index=st.integers(0, 10**6), seed=st.integers(0, 2**16))
+def test_clip_cell_labels_follow_the_tracks(index, seed):
+    """Per frame group, the cell under a visible object's centre carries its colour and shape, objects show up
+    only in groups where they are visible, and labelled cells exist only near a visible object."""
+    clip = synthqa.sample("train", index, seed=seed, task="video").clip
+    cc, cs = synthqa.clip_cells(clip)
+    assert cc.shape == cs.shape == (synthqa.VIDEO_GROUPS, 4, 4)
+    assert ((cc > 0) == (cs > 0)).all()
+    for g in range(synthqa.VIDEO_GROUPS):
+        f = g * synthqa.FRAMES_PER_GROUP
+        visible = [t for t in clip.tracks if t.visible(f)]
+        labels = {
+            (synthqa.COLOURS[c - 1], synthqa.SHAPES[s - 1])
+            for c, s in zip(cc[g].ravel(), cs[g].ravel(), strict=True)
+            if c
+        }
+        assert labels <= {(t.colour, t.shape) for t in visible}
+        for t in visible:  # an object inside one cell in both frames of the group labels that cell
+            ext = 1.2 * t.r
+            cells = {
+                (int((t.ys[k] + d) // synthqa.CELL), int((t.xs[k] + e) // synthqa.CELL))
+                for k in (f, f + 1)
+                for d in (-ext, ext)
+                for e in (-ext, ext)
+            }
+            if len(cells) == 1:
+                ((gy, gx),) = cells
+                assert (cc[g, gy, gx], cs[g, gy, gx]) == (
+                    1 + synthqa.COLOURS.index(t.colour),
+                    1 + synthqa.SHAPES.index(t.shape),
+                )
+        for gy, gx in zip(*np.nonzero(cc[g]), strict=True):  # a labelled cell is within reach of a visible object
+            cy, cx = (gy + 0.5) * synthqa.CELL, (gx + 0.5) * synthqa.CELL
+            assert any(
+                abs(t.xs[f] - cx) < 14 + 1.2 * t.r + 2 and abs(t.ys[f] - cy) < 14 + 1.2 * t.r + 2 for t in visible
+            )
+
+
+def test_clip_cell_labels_hand_case():
+    """One still red circle of radius 12 centred in cell (1, 2) during groups 2-3 only."""
+    xs = tuple([2.5 * 28] * 16)
+    ys = tuple([1.5 * 28] * 16)
+    clip = Clip(np.zeros((16, 112, 112, 3), dtype=np.uint8), [Track("red", "circle", 12.0, 2, 3, xs, ys)])
+    cc, cs = synthqa.clip_cells(clip)
+    expect = np.zeros((8, 4, 4), dtype=np.int64)
+    expect[2:4, 1, 2] = 1
+    assert (cc == expect).all() and (cs == expect).all()
+
+
 def test_vocabulary_covers_every_prompt_and_answer():
     from vtr.testing import build_word_tokenizer
 

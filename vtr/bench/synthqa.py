@@ -57,6 +57,7 @@ __all__ = [
     "VideoSample",
     "ask",
     "ask_clip",
+    "clip_cells",
     "describe_clip",
     "describe_scene",
     "description_counts",
@@ -274,17 +275,24 @@ def make_scene(rng: np.random.Generator, n_objects: tuple[int, int] = (3, 6)) ->
     img = img + rng.normal(0.0, 10.0, size=img.shape).astype(np.float32)
     image = np.clip(img, 0, 255).astype(np.uint8)
 
-    cell_colour = np.zeros((GRID, GRID), dtype=np.int64)
-    cell_shape = np.zeros((GRID, GRID), dtype=np.int64)
-    if objs:
-        cover = np.stack([(owner == k).reshape(GRID, CELL, GRID, CELL).sum((1, 3)) for k in range(len(objs))])
-        best = cover.argmax(0)
-        hit = cover.max(0) >= CELL * CELL // 8
-        col = np.array([1 + COLOURS.index(o.colour) for o in objs])
-        shp = np.array([1 + SHAPES.index(o.shape) for o in objs])
-        cell_colour = np.where(hit, col[best], 0)
-        cell_shape = np.where(hit, shp[best], 0)
+    cell_colour, cell_shape = _cell_labels([owner], objs)
     return Scene(image, objs, cell_colour, cell_shape)
+
+
+def _cell_labels(owners: list[np.ndarray], objs: list) -> tuple[np.ndarray, np.ndarray]:
+    """Colour and shape labels of the 28-px cells: the object covering most of a cell, summed over the frames
+    ``owners`` (pixel -> object index, -1 for background), if it covers at least 1/8 of it on average."""
+    n = owners[0].shape[0] // CELL
+    if not objs:
+        return np.zeros((n, n), dtype=np.int64), np.zeros((n, n), dtype=np.int64)
+    cover = sum(
+        np.stack([(owner == k).reshape(n, CELL, n, CELL).sum((1, 3)) for k in range(len(objs))]) for owner in owners
+    )
+    best = cover.argmax(0)
+    hit = cover.max(0) >= len(owners) * CELL * CELL // 8
+    col = np.array([1 + COLOURS.index(o.colour) for o in objs])
+    shp = np.array([1 + SHAPES.index(o.shape) for o in objs])
+    return np.where(hit, col[best], 0), np.where(hit, shp[best], 0)
 
 
 def location_of(o: Obj, size: int = IMAGE_SIZE) -> tuple[int, int]:
@@ -486,6 +494,27 @@ def make_clip(rng: np.random.Generator, n_objects: tuple[int, int] = (2, 4)) -> 
         img = img + rng.normal(0.0, 8.0, size=img.shape).astype(np.float32)
         frames[f] = np.clip(img, 0, 255).astype(np.uint8)
     return Clip(frames, tracks)
+
+
+def clip_cells(clip: Clip) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame group, what is under each 28-px cell (one LLM token of the bundled model's video input):
+    colour and shape labels ``(VIDEO_GROUPS, 4, 4)`` as :attr:`Scene.cell_colour` / :attr:`Scene.cell_shape`,
+    coverage summed over the group's :data:`FRAMES_PER_GROUP` frames."""
+    size = clip.frames.shape[1]
+    cc, cs = [], []
+    for g in range(VIDEO_GROUPS):
+        owners = []
+        for f in range(g * FRAMES_PER_GROUP, (g + 1) * FRAMES_PER_GROUP):
+            owner = np.full((size, size), -1, dtype=np.int64)
+            scratch = np.zeros((size, size, 3), dtype=np.float32)
+            for k, t in enumerate(clip.tracks):
+                if t.visible(f):
+                    _paint(scratch, owner, Obj(t.colour, t.shape, t.xs[f], t.ys[f], t.r), np.zeros(3), k)
+            owners.append(owner)
+        c, s = _cell_labels(owners, clip.tracks)
+        cc.append(c)
+        cs.append(s)
+    return np.stack(cc), np.stack(cs)
 
 
 def _when(t: Track) -> str | None:
