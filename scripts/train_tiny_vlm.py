@@ -10,22 +10,28 @@ One model for images and videos:
   (angles < 0.02 rad), so the LLM cannot tell left from right. Interleaving gives every axis high and
   low frequencies; the model code is stock (``recomposition_frequencies`` cycles over the sections).
 
-Stages (all in one run, switched by progress = steps or wall clock, whichever is ahead):
+Three stages, because on two CPU cores the expensive part is not seeing but binding: a fresh LLM needs
+thousands of steps to learn to look up "the star" among 64 visual tokens, and paying the tower's forward and
+backward on every one of those steps is what made the previous recipe miss its goals.
 
-1. ``--pretrain-frac`` of the budget: tower + merger alone, per-cell auxiliary heads (colour and shape of
-   the object under each 28-px cell, i.e. under each LLM token).
-2. images: several questions per image packed as one conversation (``USER: <image> q1 ASSISTANT: a1</s>
-   USER: q2 ...``), plus (often) one description turn; cross-entropy on every answer token and its
-   end token, plus the auxiliary loss.
-3. from ``--video-from`` of the full stage on: the same plus ``--video-batch`` clips per step, each with
-   several video questions (few-frames colour, existence, when, description).
+1. ``reader`` (``--reader-steps``): the LLM alone, on every task (image QA, descriptions, clip QA, clip
+   descriptions), reading :class:`Symbols` -- one learned vector per cell label (colour, shape of the object
+   under each 28-px cell, per frame group for clips) -- in place of the visual tokens, at the real M-RoPE
+   positions. No pixels, no tower: several times cheaper per step.
+2. ``seer`` (``--seer-steps``): the tower (ViT + merger) alone, taught to output for every cell the vector of
+   its label (squared distance plus cross-entropy over distances to all label vectors), on images and clips.
+3. ``joint`` (``--joint-steps``): everything end to end on pixels at a low LR, the seer loss kept as an
+   anchor, so the LLM also uses what the labels do not say (e.g. where in a cell an object sits).
 
-The batch of step ``s`` is a pure function of ``(--seed, s, stage)``, so ``--resume`` continues exactly;
-stage switches and LR follow the clock when ``--budget-min`` is set (not bit-identical across machines).
-Checkpoints go to ``--work`` every ``--ckpt-every`` steps; the best-on-validation model to ``--work/best``;
-at the end the final model is exported with ``save_pretrained`` to ``--out``.
+Conversations: several questions per image packed as one conversation (``USER: <image> q1 ASSISTANT: a1</s>
+USER: q2 ...``) or one description turn; cross-entropy on every answer token and its end token.
 
-    nohup python scripts/train_tiny_vlm.py --budget-min 170 > /tmp/tiny_vlm.log 2>&1 &
+The batch of step ``s`` of a stage is a pure function of ``(--seed, stage, s)``, so ``--resume`` continues
+exactly; ``--stage-min`` caps a stage by wall clock (then the run depends on the machine's speed). Checkpoints
+go to ``--work`` every ``--ckpt-every`` steps, each stage's end model to ``--work/<stage>``; the final model is
+exported with ``save_pretrained`` to ``--out``.
+
+    nohup python scripts/train_tiny_vlm.py > /tmp/tiny_vlm.log 2>&1 &
 """
 
 from __future__ import annotations
@@ -55,9 +61,41 @@ STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 PATCH = 14
 MERGE = 2
 TEMPORAL = 2
+GRID_IMG = synthqa.IMAGE_SIZE // (PATCH * MERGE)  # visual tokens per side of an image: 8
+GRID_VID = synthqa.VIDEO_SIZE // (PATCH * MERGE)  # per side of a clip frame group: 4
 MAX_NEW_TOKENS = 64  # the longest description (6 objects) is 43 tokens with its end token
 IMAGE_WEIGHTS = {"colour": 1.0, "shape": 1.0, "count": 1.3, "exist": 1.2, "left_right": 1.6, "top_bottom": 1.2}
 VIDEO_WEIGHTS = {"few_frames": 1.5, "exist": 1.0, "when": 1.5}
+#: The order in which the reader stage meets its tasks, ``--curriculum-steps`` apart. Learnt together from the
+#: start, the six image question types sat at their answer priors for 500 steps (perfect symbolic input);
+#: learnt one after another, each lookup builds on the last (colour alone: 0.89 after 300 steps).
+CURRICULUM = (
+    "colour",
+    "shape",
+    "exist",
+    "count",
+    "left_right",
+    "top_bottom",
+    "describe",
+    "video:few_frames",
+    "video:exist",
+    "video:when",
+    "video:describe",
+)
+
+
+def mixture(step: int, every: int, args) -> tuple[dict[str, float], float, dict[str, float], float]:
+    """Image question weights, description share, clip question weights and clip description share at ``step``
+    of the reader stage (the full mixture from step ``every * (len(CURRICULUM) - 1)`` on, and whenever
+    ``every`` is 0)."""
+    met = CURRICULUM if every <= 0 else CURRICULUM[: 1 + step // every]
+    img = {k: w for k, w in IMAGE_WEIGHTS.items() if k in met}
+    vid = {k: w for k, w in VIDEO_WEIGHTS.items() if f"video:{k}" in met}
+    p_desc = args.p_desc if "describe" in met else 0.0
+    p_vdesc = args.p_vdesc if "video:describe" in met else 0.0
+    return img, p_desc, vid, p_vdesc
+
+
 def build_model(seed: int):
     """The untrained model and its ``Qwen2VLProcessor`` (word-level tokenizer over :data:`synthqa.WORDS`)."""
     from transformers import (
@@ -148,38 +186,68 @@ def patchify(frames: np.ndarray) -> torch.Tensor:
     return x.reshape(-1, c * TEMPORAL * PATCH * PATCH)
 
 
-class AuxHeads(nn.Module):
-    """Per-token heads on the merger output: colour (6) and shape (6) of the object under each 28-px cell."""
+class Symbols(nn.Module):
+    """The reader's visual vocabulary: what each visual token should say about its cell.
 
-    def __init__(self, dim: int, align_weight: float = 0.0):
+    A cell's vector is ``what[colour, shape] + row[r] + col[c]``: one learned vector per label (0 = background)
+    plus the cell's row and column in eight bins of the frame (a 4x4 clip frame uses every other bin).
+    The position terms matter: rotary positions shape attention weights but never enter the values, so an LLM
+    that must infer "left" from them (through how much a token attends to the others) learns it late or not at
+    all -- the cause of the earlier models' chance left/right. A ViT sees where a patch is (the frame's edges
+    are in its attention), so the tower can say it.
+
+    Stage 1 feeds these vectors to the LLM in place of the visual tokens, so the LLM learns to read scenes
+    without paying for the tower; stage 2 teaches the tower to output them; stage 3 tunes both on pixels.
+    """
+
+    BINS = 8
+
+    def __init__(self, dim: int, seed: int):
         super().__init__()
-        self.colour = nn.Linear(dim, len(synthqa.COLOURS) + 1)
-        self.shape = nn.Linear(dim, len(synthqa.SHAPES) + 1)
-        self.align_weight = align_weight
-        # Fixed random codes: a cell should be code(colour) + code(shape) of its object, index 0 = background (a
-        # fixed direction too: a near-zero target would be blown up to noise by the LLM's RMSNorm).
-        g = torch.Generator().manual_seed(1234)
-        codes_c = torch.randn(len(synthqa.COLOURS) + 1, dim, generator=g)
-        codes_s = torch.randn(len(synthqa.SHAPES) + 1, dim, generator=g)
-        self.register_buffer("codes_c", codes_c, persistent=False)
-        self.register_buffer("codes_s", codes_s, persistent=False)
+        g = torch.Generator().manual_seed(seed + 4321)
+        self.n_shapes = len(synthqa.SHAPES) + 1
+        self.what = nn.Parameter(torch.randn((len(synthqa.COLOURS) + 1) * self.n_shapes, dim, generator=g))
+        self.row = nn.Parameter(torch.randn(self.BINS, dim, generator=g) * 0.5)
+        self.col = nn.Parameter(torch.randn(self.BINS, dim, generator=g) * 0.5)
 
-    def loss(self, feats: torch.Tensor, cc: torch.Tensor, cs: torch.Tensor) -> tuple[torch.Tensor, float]:
-        """``feats`` ``[B*64, D]``; ``cc``/``cs`` ``[B*64]`` labels. Object cells weigh 5x background."""
-        f = feats.float()
-        obj = cc > 0
-        w = torch.where(obj, 5.0, 1.0)
-        total = 0.0
-        for head, y in ((self.colour, cc), (self.shape, cs)):
-            total = total + (F.cross_entropy(head(f), y, reduction="none") * w).sum() / w.sum()
-        if self.align_weight:
-            target = self.codes_c[cc] + self.codes_s[cs]
-            mse = ((f - target) ** 2).mean(-1)
-            total = total + self.align_weight * (mse * w).sum() / w.sum()
-        with torch.no_grad():
-            ok = (self.colour(f).argmax(-1) == cc) & (self.shape(f).argmax(-1) == cs)
-            acc = ok[obj].float().mean().item() if obj.any() else 0.0
-        return total, acc
+    def index(self, cc: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
+        return cc * self.n_shapes + cs
+
+    def where(self, n: int, grid: int) -> torch.Tensor:
+        """Row and column codes ``[n, D]`` of ``n`` cells laid out as whole ``grid x grid`` frames, raster order."""
+        k = torch.arange(n) % (grid * grid)
+        scale = self.BINS // grid
+        return self.row[(k // grid) * scale] + self.col[(k % grid) * scale]
+
+    def forward(self, cc: torch.Tensor, cs: torch.Tensor, grid: int) -> torch.Tensor:
+        """``cc``/``cs`` ``[N]`` labels of whole ``grid x grid`` frames, raster order -> ``[N, D]``."""
+        return self.what[self.index(cc, cs)] + self.where(len(cc), grid)
+
+    def tower_loss(
+        self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
+    ) -> tuple[torch.Tensor, float]:
+        """How far the tower's tokens are from their cells' vectors (fixed targets), over ``parts`` of
+        ``(feats [N, D], cc [N], cs [N], grid)``: squared distance to the target plus cross-entropy over the
+        squared distances of ``feats - position code`` to every label vector; object cells weigh 4x background.
+        Returns the loss and the nearest-label accuracy on object cells."""
+        num = den = 0.0
+        hits = []
+        what = self.what.detach()
+        for feats, cc, cs, grid in parts:
+            f = feats.float()
+            pos = self.where(len(cc), grid).detach()
+            y = self.index(cc, cs)
+            w = torch.where(cc > 0, 4.0, 1.0)
+            mse = (f - what[y] - pos).pow(2).mean(-1)
+            c = f - pos
+            d = (c.pow(2).sum(-1, keepdim=True) - 2 * c @ what.T + what.pow(2).sum(-1)) / f.shape[-1]
+            per = mse + F.cross_entropy(-d, y, reduction="none")
+            num = num + (per * w).sum()
+            den = den + w.sum()
+            with torch.no_grad():
+                hits.append((d.argmin(-1) == y)[cc > 0].float())
+        hit = torch.cat(hits)
+        return num / den, hit.mean().item() if len(hit) else 1.0
 
 
 class Batcher:
@@ -208,19 +276,28 @@ class Batcher:
     def visual(self, video: bool) -> list[int]:
         return [self.vs] + [self.vid if video else self.img] * (self.n_vid if video else self.n_img) + [self.ve]
 
-    def conversation(self, turns: list[tuple[str, str, str]], video: bool) -> tuple[list[int], list[tuple]]:
-        """Token ids of a multi-turn conversation and its targets ``(position predicting it, token, weight, kind)``."""
-        seq: list[int] = []
+    def conversation(self, turns: list[tuple[str, str, str]], video: bool) -> tuple[list[int], list[tuple], list[int]]:
+        """Token ids of several turns about one image (or clip) packed behind one shared prefix, their targets
+        ``(position predicting it, token, weight, kind)`` and where each turn starts.
+
+        Layout: ``USER: <vision> q1 ASSISTANT: a1 </s> q2 ASSISTANT: a2 </s> ...``. The first turn is exactly the
+        single-question prompt; :func:`forward_llm` gives every later turn the positions of a first turn and lets
+        it see only the prefix and itself, so each turn is the single-question case, computed once per image, and
+        no answer can be copied from another turn's text (which is what stalled the earlier recipes).
+        """
+        seq: list[int] = self.user + self.visual(video)
         targets: list[tuple[int, int, float, str]] = []
-        for k, (q, a, qtype) in enumerate(turns):
-            seq += self.user + (self.visual(video) if k == 0 else []) + self.ids(q) + self.assistant
+        starts: list[int] = []
+        for q, a, qtype in turns:
+            starts.append(len(seq))
+            seq += self.ids(q) + self.assistant
             ans = [*self.ids(a), self.eos]
             long = qtype == "describe"
             for j, t in enumerate(ans):
                 w = 0.5 if long else (2.0 if j == 0 else 0.5)
                 targets.append((len(seq) - 1 + j, t, w, qtype))
             seq += ans
-        return seq, targets
+        return seq, targets, starts
 
     @staticmethod
     def _draw(rng: np.random.Generator, weights: dict[str, float]) -> str:
@@ -228,35 +305,21 @@ class Batcher:
         p = np.array([weights[k] for k in keys])
         return keys[rng.choice(len(keys), p=p / p.sum())]
 
-    def image_turns(self, scene, rng, qpi: int, p_desc: float, weights: dict[str, float]) -> list[tuple[str, str, str]]:
-        """One description turn (probability ``p_desc``) or up to ``qpi`` distinct questions, never both: a
-        description earlier in the conversation would let later answers be copied from text, not read from the
-        image (an earlier revision did that, and question accuracy stalled near chance)."""
-        if rng.random() < p_desc:
-            q, a = synthqa.ask(scene, "describe", rng)
+    def turns(self, item, ask, rng, n: int, p_desc: float, weights: dict[str, float]) -> list[tuple[str, str, str]]:
+        """One description turn (probability ``p_desc``, always if ``weights`` is empty) or up to ``n`` distinct
+        questions drawn by ``weights``, never both: a description earlier in the conversation would let later
+        answers be copied from text, not read from the image (an earlier revision did that, and question accuracy
+        stalled near chance). ``ask`` is :func:`synthqa.ask` (scenes) or :func:`synthqa.ask_clip` (clips)."""
+        if not weights or rng.random() < p_desc:
+            q, a = ask(item, "describe", rng)
             return [(q, a, "describe")]
         turns: list[tuple[str, str, str]] = []
         tries = 0
-        while len(turns) < qpi and tries < 4 * qpi:
+        while len(turns) < n and tries < 4 * n:
             tries += 1
             qtype = self._draw(rng, weights)
-            qa = synthqa.ask(scene, qtype, rng)
+            qa = ask(item, qtype, rng)
             if qa is not None and all(qa[0] != t[0] for t in turns):  # a repeated question is a copy task
-                turns.append((qa[0], qa[1], qtype))
-        return turns
-
-    def clip_turns(self, clip, rng, qpv: int, p_desc: float) -> list[tuple[str, str, str]]:
-        """Like :meth:`image_turns` for a clip: one description or up to ``qpv`` distinct questions."""
-        if rng.random() < p_desc:
-            q, a = synthqa.ask_clip(clip, "describe", rng)
-            return [(q, a, "describe")]
-        turns: list[tuple[str, str, str]] = []
-        tries = 0
-        while len(turns) < qpv and tries < 4 * qpv:
-            tries += 1
-            qtype = self._draw(rng, VIDEO_WEIGHTS)
-            qa = synthqa.ask_clip(clip, qtype, rng)
-            if qa is not None and all(qa[0] != t[0] for t in turns):
                 turns.append((qa[0], qa[1], qtype))
         return turns
 
@@ -285,88 +348,185 @@ def fast_patch_embed(model) -> None:
     pe.forward = forward
 
 
-def forward_hidden(model, ids, mask, types, pv_img=None, pv_vid=None, n_img=0, n_vid=0, want_feats=False):
-    """The Qwen2-VL forward by hand (features, splice, M-RoPE ids, LLM), returning last hidden states.
+def tower(model, pv_img: torch.Tensor | None, pv_vid: torch.Tensor | None, n_img: int, n_vid: int):
+    """Visual tokens of ``n_img`` 224-px images (``pv_img`` ``[n_img*256, 1176]``) and ``n_vid`` 16-frame 112-px
+    clips (``pv_vid`` ``[n_vid*512, 1176]``): ``([n_img*64, D] | None, [n_vid*128, D] | None)``."""
+    visual = model.model.visual
+    g_img = synthqa.IMAGE_SIZE // PATCH
+    g_vid = synthqa.VIDEO_SIZE // PATCH
+    fi = visual(pv_img, grid_thw=torch.tensor([[1, g_img, g_img]] * n_img)).pooler_output if n_img else None
+    fv = (
+        visual(pv_vid, grid_thw=torch.tensor([[synthqa.VIDEO_GROUPS, g_vid, g_vid]] * n_vid)).pooler_output
+        if n_vid
+        else None
+    )
+    return fi, fv
 
-    ``pv_img`` ``[n_img*256, 1176]`` (224-px images), ``pv_vid`` ``[n_vid*512, 1176]`` (16-frame 112-px clips).
+
+def forward_llm(model, ids, mask, types, feats_img=None, feats_vid=None, starts=None) -> torch.Tensor:
+    """The Qwen2-VL LLM forward by hand: visual tokens spliced at their placeholders, M-RoPE ids as the stock
+    model builds them; returns the last hidden states ``[B, L, D]``.
+
+    ``starts`` (per sample, where each turn of a :meth:`Batcher.conversation` starts): every turn after the
+    first gets the first turn's positions and attends to the shared prefix and itself only.
     """
     inner = model.model
     emb = inner.get_input_embeddings()(ids)
-    gi = gv = None
-    feats_img = None
     g_img = synthqa.IMAGE_SIZE // PATCH
     g_vid = synthqa.VIDEO_SIZE // PATCH
-    if n_img:
-        gi = torch.tensor([[1, g_img, g_img]] * n_img)
-        feats_img = inner.visual(pv_img, grid_thw=gi).pooler_output
+    gi = gv = None
+    if feats_img is not None:
+        gi = torch.tensor([[1, g_img, g_img]] * int((ids == model.config.image_token_id).any(-1).sum()))
         sel = (ids == model.config.image_token_id).unsqueeze(-1)
         emb = emb.masked_scatter(sel, feats_img.to(emb.dtype))
-    if n_vid:
-        gv = torch.tensor([[synthqa.VIDEO_GROUPS, g_vid, g_vid]] * n_vid)
-        feats_vid = inner.visual(pv_vid, grid_thw=gv).pooler_output
+    if feats_vid is not None:
+        gv = torch.tensor(
+            [[synthqa.VIDEO_GROUPS, g_vid, g_vid]] * int((ids == model.config.video_token_id).any(-1).sum())
+        )
         sel = (ids == model.config.video_token_id).unsqueeze(-1)
         emb = emb.masked_scatter(sel, feats_vid.to(emb.dtype))
     pos, _ = inner.get_rope_index(ids, types, image_grid_thw=gi, video_grid_thw=gv, attention_mask=mask)
-    h = inner.language_model(inputs_embeds=emb, attention_mask=mask, position_ids=pos).last_hidden_state
-    return (h, feats_img) if want_feats else h
+    attn = mask
+    if starts is not None:
+        pos, attn = packed_positions_and_mask(pos, mask, starts)
+    return inner.language_model(inputs_embeds=emb, attention_mask=attn, position_ids=pos).last_hidden_state
 
 
-def train_batch(batcher: Batcher, step: int, seed: int, n_img: int, n_vid: int, args, weights):
-    rng = np.random.default_rng([seed, 77, step])
-    seqs, targets, img_frames, vid_frames, cc, cs = [], [], [], [], [], []
-    for _ in range(n_img):
-        scene = synthqa.make_scene(rng)
-        s, t = batcher.conversation(batcher.image_turns(scene, rng, args.qpi, args.p_desc, weights), video=False)
-        seqs.append(s)
-        targets.append(t)
-        img_frames.append(np.stack([scene.image, scene.image]))
-        cc.append(scene.cell_colour.flatten())
-        cs.append(scene.cell_shape.flatten())
-    for _ in range(n_vid):
-        clip = synthqa.make_clip(rng)
-        s, t = batcher.conversation(batcher.clip_turns(clip, rng, args.qpv, args.p_vdesc), video=True)
-        seqs.append(s)
-        targets.append(t)
-        vid_frames.append(clip.frames)
-    ids, mask, types = batcher.collate(seqs)
-    rows = torch.tensor([i for i, t in enumerate(targets) for _ in t])
-    cols = torch.tensor([c for t in targets for c, *_ in t])
-    ys = torch.tensor([y for t in targets for _, y, *_ in t])
-    ws = torch.tensor([w for t in targets for _, _, w, _ in t])
-    pv_img = torch.cat([patchify(f) for f in img_frames]) if img_frames else None
-    pv_vid = torch.cat([patchify(f) for f in vid_frames]) if vid_frames else None
-    labels = (torch.from_numpy(np.concatenate(cc)), torch.from_numpy(np.concatenate(cs))) if cc else None
-    return ids, mask, types, pv_img, pv_vid, (rows, cols, ys, ws), labels
+def packed_positions_and_mask(pos: torch.Tensor, mask: torch.Tensor, starts: list[list[int]]):
+    """M-RoPE ids ``[3, B, L]`` and a boolean attention mask ``[B, 1, L, L]`` (True = may attend) for
+    shared-prefix packing: turn ``k >= 1`` (from ``starts[b][k]`` to the next start or the end of the sample)
+    restarts at the first turn's position and sees the prefix (everything before ``starts[b][0]``) and its own
+    earlier tokens; padding rows see the prefix (no empty softmax row)."""
+    b, n = mask.shape
+    pos = pos.clone()
+    seg = torch.full((b, n), -1, dtype=torch.long)
+    for i, st in enumerate(starts):
+        end = int(mask[i].sum())
+        bounds = [*st, end]
+        base = pos[:, i, st[0]]
+        for k in range(len(st)):
+            s0, s1 = bounds[k], bounds[k + 1]
+            seg[i, s0:s1] = k
+            if k:
+                pos[:, i, s0:s1] = base[:, None] + torch.arange(s1 - s0)
+        seg[i, end:] = -2
+    causal = torch.ones(n, n, dtype=torch.bool).tril()
+    same = (seg[:, :, None] == seg[:, None, :]) | (seg[:, None, :] == -1)
+    valid = (seg != -2)[:, None, :]
+    attn = causal & same & valid
+    return pos, attn[:, None]
+
+
+class Batch:
+    """One training batch: ``n_img`` scenes then ``n_vid`` clips, their conversations as padded token ids, the
+    answer targets, pixels and per-cell labels. A pure function of ``(seed, stage, step)``."""
+
+    def __init__(self, batcher: Batcher, rng: np.random.Generator, n_img: int, n_vid: int, mix=None, args=None):
+        seqs, targets, starts, img_frames, vid_frames = [], [], [], [], []
+        cc_i, cs_i, cc_v, cs_v = [], [], [], []
+        text = mix is not None
+        if text:
+            w_img, p_desc, w_vid, p_vdesc = mix
+            if not w_vid and not p_vdesc:
+                n_vid = 0
+        while len(img_frames) < n_img:
+            scene = synthqa.make_scene(rng)
+            if text:
+                turns = batcher.turns(scene, synthqa.ask, rng, args.qpi, p_desc, w_img)
+                if not turns:
+                    continue
+                s, t, st = batcher.conversation(turns, video=False)
+                seqs.append(s)
+                targets.append(t)
+                starts.append(st)
+            img_frames.append(np.stack([scene.image, scene.image]))
+            cc_i.append(scene.cell_colour.flatten())
+            cs_i.append(scene.cell_shape.flatten())
+        while len(vid_frames) < n_vid:
+            clip = synthqa.make_clip(rng)
+            if text:
+                turns = batcher.turns(clip, synthqa.ask_clip, rng, args.qpv, p_vdesc, w_vid)
+                if not turns:
+                    continue
+                s, t, st = batcher.conversation(turns, video=True)
+                seqs.append(s)
+                targets.append(t)
+                starts.append(st)
+            vid_frames.append(clip.frames)
+            cc, cs = synthqa.clip_cells(clip)
+            cc_v.append(cc.flatten())
+            cs_v.append(cs.flatten())
+        self.n_img, self.n_vid = n_img, n_vid
+        self.frames_img, self.frames_vid = img_frames, vid_frames
+        cat = lambda xs: torch.from_numpy(np.concatenate(xs)) if xs else None  # noqa: E731
+        self.labels_img = (cat(cc_i), cat(cs_i))
+        self.labels_vid = (cat(cc_v), cat(cs_v))
+        if text:
+            self.ids, self.mask, self.types = batcher.collate(seqs)
+            self.starts = starts
+            self.rows = torch.tensor([i for i, t in enumerate(targets) for _ in t])
+            self.cols = torch.tensor([c for t in targets for c, *_ in t])
+            self.ys = torch.tensor([y for t in targets for _, y, *_ in t])
+            self.ws = torch.tensor([w for t in targets for _, _, w, _ in t])
+
+    def parts(self, fi, fv) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """The tower's image and clip tokens with their labels, for :meth:`Symbols.tower_loss`."""
+        out = []
+        if self.n_img:
+            out.append((fi, *self.labels_img, GRID_IMG))
+        if self.n_vid:
+            out.append((fv, *self.labels_vid, GRID_VID))
+        return out
+
+    def pixels(self) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        pi = torch.cat([patchify(f) for f in self.frames_img]) if self.n_img else None
+        pv = torch.cat([patchify(f) for f in self.frames_vid]) if self.n_vid else None
+        return pi, pv
+
+    def symbols(self, symbols: Symbols) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        fi = symbols(*self.labels_img, GRID_IMG) if self.n_img else None
+        fv = symbols(*self.labels_vid, GRID_VID) if self.n_vid else None
+        return fi, fv
 
 
 @torch.no_grad()
-def evaluate(model, batcher: Batcher, items: list, video: bool, bs: int = 40) -> dict[str, float]:
-    """Teacher-forced validation: for one-word answers, argmax over :data:`synthqa.ANSWERS` at the first
-    answer position; for descriptions, the share of items whose every answer token (and the end token) is
-    the argmax, i.e. that greedy decoding reproduces exactly, and the token accuracy."""
+def evaluate(model, batcher: Batcher, items: list, video: bool, symbols: Symbols | None = None, bs: int = 40):
+    """Teacher-forced validation, reading pixels through the tower or (``symbols``) the cell labels' vectors.
+
+    For one-word answers, argmax over :data:`synthqa.ANSWERS` at the first answer position; for descriptions,
+    the share of items whose every answer token (and the end token) is the argmax, i.e. that greedy decoding
+    reproduces exactly, and the token accuracy."""
+    was = model.training
     model.eval()
     hits: dict[str, list[float]] = {}
     for i in range(0, len(items), bs):
         chunk = items[i : i + bs]
         seqs, tgts = [], []
         for s in chunk:
-            seq, t = batcher.conversation([(s.question, s.answer, s.qtype)], video=video)
+            seq, t, _ = batcher.conversation([(s.question, s.answer, s.qtype)], video=video)
             seqs.append(seq)
             tgts.append(t)
         ids, mask, types = batcher.collate(seqs)
-        frames = [f.frames if video else np.stack([f.image, f.image]) for f in chunk]
-        pv = torch.cat([patchify(f) for f in frames])
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            h = forward_hidden(
-                model,
-                ids,
-                mask,
-                types,
-                None if video else pv,
-                pv if video else None,
-                0 if video else len(chunk),
-                len(chunk) if video else 0,
-            )
+            if symbols is not None:
+                if video:
+                    labels = [synthqa.clip_cells(s.clip) for s in chunk]
+                else:
+                    labels = [(s.scene.cell_colour, s.scene.cell_shape) for s in chunk]
+                cc = torch.from_numpy(np.concatenate([c.flatten() for c, _ in labels]))
+                cs = torch.from_numpy(np.concatenate([x.flatten() for _, x in labels]))
+                feats = symbols(cc, cs, GRID_VID if video else GRID_IMG)
+            else:
+                pv = torch.cat([patchify(s.frames if video else np.stack([s.image, s.image])) for s in chunk])
+                fi, fv = tower(
+                    model,
+                    None if video else pv,
+                    pv if video else None,
+                    0 if video else len(chunk),
+                    len(chunk) if video else 0,
+                )
+                feats = fv if video else fi
+            h = forward_llm(model, ids, mask, types, None if video else feats, feats if video else None)
             for b, (s, t) in enumerate(zip(chunk, tgts, strict=True)):
                 pos = torch.tensor([c for c, *_ in t])
                 logits = model.lm_head(h[b, pos]).float()
@@ -377,7 +537,7 @@ def evaluate(model, batcher: Batcher, items: list, video: bool, bs: int = 40) ->
                 else:
                     pred = batcher.answer_ids[logits[0, batcher.answer_ids].argmax()]
                     hits.setdefault(s.qtype, []).append(float(int(pred) == t[0][1]))
-    model.train()
+    model.train(was)
     res = {k: float(np.mean(v)) for k, v in hits.items()}
     qa = [x for k, v in hits.items() if not k.startswith("describe") for x in v]
     if qa:
@@ -385,13 +545,11 @@ def evaluate(model, batcher: Batcher, items: list, video: bool, bs: int = 40) ->
     return res
 
 
-def lr_at(p: float, s: int, peak: float, warmup: int, decay_from: float) -> float:
-    """Linear warm-up over ``warmup`` steps, flat until progress ``decay_from``, then cosine to 5%."""
+def lr_at(s: int, total: int, peak: float, warmup: int) -> float:
+    """Linear warm-up over ``warmup`` steps, then cosine from ``peak`` to 5% of it at step ``total``."""
     if s < warmup:
         return peak * (s + 1) / warmup
-    if p < decay_from:
-        return peak
-    t = min(1.0, (p - decay_from) / (1.0 - decay_from))
+    t = min(1.0, (s - warmup) / max(1, total - warmup))
     return peak * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * t)))
 
 
@@ -427,7 +585,7 @@ def check(model, processor, batcher: Batcher) -> None:
         else:
             inputs = processor(images=[synthqa.to_pil(item.image)], text=[text], return_tensors="pt")
             pv = inputs["pixel_values"]
-        seq, _ = batcher.conversation([(item.question, item.answer, item.qtype)], video=video)
+        seq, _, _ = batcher.conversation([(item.question, item.answer, item.qtype)], video=video)
         n_prompt = inputs["input_ids"].shape[1]
         assert inputs["input_ids"][0].tolist() == seq[:n_prompt], (inputs["input_ids"][0].tolist(), seq)
         mine = patchify(item.frames if video else np.stack([item.image, item.image]))
@@ -435,61 +593,84 @@ def check(model, processor, batcher: Batcher) -> None:
         ids, mask, types = batcher.collate([seq[:n_prompt]])
         with torch.no_grad():
             ref = model(**inputs).logits[0, -1]
-            h = forward_hidden(
-                fast,
-                ids,
-                mask,
-                types,
-                None if video else mine,
-                mine if video else None,
-                0 if video else 1,
-                1 if video else 0,
-            )
-            got = fast.lm_head(h[0, -1])
+            fi, fv = tower(fast, None if video else mine, mine if video else None, 0 if video else 1, 1 if video else 0)
+            got = fast.lm_head(forward_llm(fast, ids, mask, types, fi, fv)[0, -1])
         assert torch.allclose(ref, got, atol=1e-4), (ref - got).abs().max()
-    print("check: the training path matches the processor and the stock forward (image and clip)", flush=True)
+    # shared-prefix packing: each turn of a packed conversation scores exactly as when asked alone
+    items = synthqa.split("validation", 3, task="image")
+    scene = items[0].scene
+    turns = [
+        (synthqa.ask(scene, q, np.random.default_rng(k)) or ("describe the image .", "", q))
+        for k, q in enumerate(("colour", "count", "exist"))
+    ]
+    turns = [(q, a, "qa") for q, a in turns]
+    pv = patchify(np.stack([scene.image, scene.image]))
+    with torch.no_grad():
+        fi, _ = tower(fast, pv, None, 1, 0)
+        seq, tgt, starts = batcher.conversation(turns, video=False)
+        ids, mask, types = batcher.collate([seq])
+        packed = fast.lm_head(forward_llm(fast, ids, mask, types, fi, None, [starts])[0])
+        for k, turn in enumerate(turns):
+            one, t1, _ = batcher.conversation([turn], video=False)
+            ids, mask, types = batcher.collate([one])
+            alone = fast.lm_head(forward_llm(fast, ids, mask, types, fi, None)[0])
+            mine = [c for c, *_ in tgt][sum(len(batcher.ids(a)) + 1 for _, a, _ in turns[:k]) :][: len(t1)]
+            ref = alone[torch.tensor([c for c, *_ in t1])]
+            assert torch.allclose(packed[torch.tensor(mine)], ref, atol=1e-4), (packed[mine] - ref).abs().max()
+    print(
+        "check: the training path matches the processor and the stock forward (image and clip); "
+        "packed turns score as asked alone",
+        flush=True,
+    )
+
+
+STAGES = ("reader", "seer", "joint")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(Path(__file__).resolve().parents[1] / "assets" / "tiny-synth-vl"))
-    ap.add_argument("--work", default="/tmp/tiny_vlm_work", help="checkpoints and best-so-far export")
+    ap.add_argument("--work", default="/tmp/tiny_vlm_work", help="checkpoints and per-stage exports")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--budget-min", type=float, default=170.0, help="wall-clock budget of the whole run (minutes)")
-    ap.add_argument("--steps", type=int, default=100000, help="upper bound on full-stage steps")
-    ap.add_argument("--pretrain-frac", type=float, default=0.06, help="budget share of the tower-only stage")
-    ap.add_argument("--pretrain-batch", type=int, default=32)
-    ap.add_argument("--batch", type=int, default=16, help="images per step (image stage)")
-    ap.add_argument("--mixed-batch", type=int, default=10, help="images per step once videos join")
-    ap.add_argument("--video-batch", type=int, default=6, help="clips per step once videos join")
-    ap.add_argument("--video-from", type=float, default=0.25, help="full-stage progress at which videos join")
+    ap.add_argument("--reader-steps", type=int, default=4000, help="stage 1: the LLM reads cell-label vectors")
+    ap.add_argument("--seer-steps", type=int, default=1500, help="stage 2: the tower learns to output them")
+    ap.add_argument("--joint-steps", type=int, default=600, help="stage 3: everything on pixels")
+    ap.add_argument(
+        "--stage-min",
+        default="",
+        help="optional wall-clock caps per stage in minutes, e.g. 40,30,30: a stage that reaches its cap ends there "
+        "(logged; the run is then no longer a pure function of the seed)",
+    )
+    ap.add_argument("--batch", type=int, default=12, help="images per step (reader and joint stages)")
+    ap.add_argument("--video-batch", type=int, default=6, help="clips per step (reader and joint stages)")
+    ap.add_argument(
+        "--seer-batch", type=int, default=12, help="images per step in the seer stage (plus as many clips / 2)"
+    )
+    ap.add_argument(
+        "--curriculum-steps", type=int, default=150, help="reader stage: steps between new tasks (0: all at once)"
+    )
     ap.add_argument("--qpi", type=int, default=6, help="questions per image")
     ap.add_argument("--qpv", type=int, default=4, help="questions per clip")
-    ap.add_argument("--p-desc", type=float, default=0.35, help="share of images with a description (alone)")
+    ap.add_argument("--p-desc", type=float, default=0.3, help="share of images with a description (alone)")
     ap.add_argument("--p-vdesc", type=float, default=0.3, help="share of clips with a description (alone)")
-    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--lr", type=float, default=1e-3, help="reader stage peak LR")
+    ap.add_argument("--seer-lr", type=float, default=1e-3)
+    ap.add_argument("--joint-lr", type=float, default=2e-4)
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--decay-from", type=float, default=0.6)
-    ap.add_argument("--aux-weight", type=float, default=0.3)
-    ap.add_argument("--eval-every", type=int, default=300)
+    ap.add_argument("--anchor-weight", type=float, default=0.3, help="joint stage: weight of the seer loss")
+    ap.add_argument("--eval-every", type=int, default=500)
     ap.add_argument("--eval-n", type=int, default=240)
-    ap.add_argument("--ckpt-every", type=int, default=50)
+    ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument(
-        "--align-weight",
-        type=float,
-        default=0.0,
-        help="weight of an MSE pulling each image token (merger output) to code(colour) + code(shape) of its object "
-        "(fixed random codes; one code for background): clean, separable visual tokens the LLM learns to bind quickly",
-    )
-    ap.add_argument(
-        "--reinit-llm",
-        action="store_true",
-        help="with --resume: fresh (seeded) LLM and LM head, fresh optimiser, and a new full stage (warm-up, images "
-        "first, then videos) up to --budget-min; keeps the trained vision tower and merger",
-    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--check", action="store_true", help="verify the hand-built batches against the processor, exit")
+    ap.add_argument(
+        "--score",
+        metavar="MODEL_DIR",
+        help="score a saved model on the --score-split of every task (image QA per type, descriptions, clip QA), "
+        "teacher-forced as in training, and exit",
+    )
+    ap.add_argument("--score-split", default="test", choices=("validation", "test"))
     args = ap.parse_args(argv)
 
     torch.set_num_threads(args.threads)
@@ -499,34 +680,49 @@ def main(argv: list[str] | None = None) -> int:
     if args.check:
         check(model, processor, batcher)
         return 0
+    if args.score:
+        from transformers import Qwen2VLForConditionalGeneration
+
+        saved = Qwen2VLForConditionalGeneration.from_pretrained(args.score).eval()
+        res = {}
+        for task in synthqa.TASKS:
+            items = synthqa.split(args.score_split, task=task)
+            res[task] = {k: round(v, 3) for k, v in evaluate(saved, batcher, items, task == "video").items()}
+            res[task]["n"] = len(items)
+        print(json.dumps({"model": args.score, "split": args.score_split, **res}), flush=True)
+        return 0
     fast_patch_embed(model)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    heads = AuxHeads(model.config.vision_config.hidden_size, args.align_weight)
-    tower = list(model.model.visual.parameters()) + list(heads.parameters())
-    opt_pre = torch.optim.AdamW(tower, lr=1e-3, weight_decay=0.01)
-    opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
-    budget = 60.0 * args.budget_min
-    state = {"step": 0, "pre_end": None, "full_t0": None, "video_step": None, "elapsed": 0.0, "best": -1.0}
+    symbols = Symbols(model.config.text_config.hidden_size, args.seed)
+    llm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
+    vision = list(model.model.visual.parameters())
+    opts = {
+        "reader": torch.optim.AdamW(llm + list(symbols.parameters()), lr=args.lr, weight_decay=0.01),
+        "seer": torch.optim.AdamW(vision, lr=args.seer_lr, weight_decay=0.01),
+        "joint": torch.optim.AdamW(llm + vision, lr=args.joint_lr, weight_decay=0.01),
+    }
+    totals = {"reader": args.reader_steps, "seer": args.seer_steps, "joint": args.joint_steps}
+    peaks = {"reader": args.lr, "seer": args.seer_lr, "joint": args.joint_lr}
+    caps = dict(zip(STAGES, [float(x) * 60 for x in args.stage_min.split(",")], strict=True)) if args.stage_min else {}
+    state = {"stage": 0, "step": 0, "elapsed": 0.0, "stage_t0": 0.0, "ends": {}}
     ckpt = work / "ckpt.pt"
     if args.resume and ckpt.is_file():
         saved = torch.load(ckpt, weights_only=False)
         model.load_state_dict(saved["model"])
-        heads.load_state_dict(saved["heads"])
-        opt_pre.load_state_dict(saved["opt_pre"])
-        opt.load_state_dict(saved["opt"])
+        symbols.load_state_dict(saved["symbols"])
+        for k, o in opts.items():
+            o.load_state_dict(saved["opts"][k])
         state = saved["state"]
-        print(f"resumed at step {state['step']} ({state['elapsed'] / 60:.1f} min)", flush=True)
-        if args.reinit_llm:
-            fresh, _ = build_model(args.seed + 1)
-            model.model.language_model.load_state_dict(fresh.model.language_model.state_dict())
-            model.lm_head.load_state_dict(fresh.lm_head.state_dict())
-            opt = torch.optim.AdamW(list(model.parameters()) + list(heads.parameters()), lr=args.lr, weight_decay=0.01)
-            state.update(pre_end=state["step"], full_t0=state["elapsed"], video_step=None, best=-1.0)
-            print(f"fresh LLM: a new full stage from step {state['step']}", flush=True)
-    val_img = synthqa.split("validation", args.eval_n, task="image")
-    val_desc = synthqa.split("validation", args.eval_n // 3, task="describe")
-    val_vid = synthqa.split("validation", args.eval_n, task="video")
+        print(
+            f"resumed: {STAGES[min(state['stage'], 2)]} step {state['step']} ({state['elapsed'] / 60:.1f} min)",
+            flush=True,
+        )
+    val = {
+        "image": synthqa.split("validation", args.eval_n, task="image"),
+        "describe": synthqa.split("validation", args.eval_n // 4, task="describe"),
+        "video": synthqa.split("validation", args.eval_n, task="video"),
+    }
     autocast = torch.autocast("cpu", dtype=torch.bfloat16)
     model.train()
     t0 = time.time() - state["elapsed"]
@@ -534,119 +730,112 @@ def main(argv: list[str] | None = None) -> int:
     def clock() -> float:
         return time.time() - t0
 
-    def progress() -> float:  # of the full stage, by clock or steps
-        s2 = state["step"] - state["pre_end"]
-        return max(s2 / args.steps, (clock() - state["full_t0"]) / max(1.0, budget - state["full_t0"]))
-
     def save() -> None:
         state["elapsed"] = clock()
         tmp = work / "ckpt.pt.tmp"
         torch.save(
             {
                 "model": model.state_dict(),
-                "heads": heads.state_dict(),
-                "opt_pre": opt_pre.state_dict(),
-                "opt": opt.state_dict(),
+                "symbols": symbols.state_dict(),
+                "opts": {k: o.state_dict() for k, o in opts.items()},
                 "state": state,
             },
             tmp,
         )
         tmp.replace(ckpt)
 
-    def run_eval() -> float:
-        r_img = evaluate(model, batcher, val_img, video=False)
-        r_desc = evaluate(model, batcher, val_desc, video=False)
-        res = {"image": r_img, "describe": r_desc}
-        score = [r_img["qa"], r_desc["describe_tokens"]]
-        if state["video_step"] is not None:
-            r_vid = evaluate(model, batcher, val_vid, video=True)
-            res["video"] = r_vid
-            score += [r_vid["qa"], r_vid["describe_tokens"]]
+    def run_eval(through: str) -> dict:
+        sym = symbols if through == "symbols" else None
+        res = {task: evaluate(model, batcher, items, task == "video", sym) for task, items in val.items()}
         rounded = {k: {m: round(v, 3) for m, v in r.items()} for k, r in res.items()}
-        print("eval " + json.dumps({"step": state["step"], "min": round(clock() / 60, 1), **rounded}), flush=True)
-        return float(np.mean(score))
+        print(
+            "eval "
+            + json.dumps(
+                {
+                    "stage": STAGES[min(state["stage"], 2)],
+                    "step": state["step"],
+                    "through": through,
+                    "min": round(clock() / 60, 1),
+                    **rounded,
+                }
+            ),
+            flush=True,
+        )
+        return res
 
-    run = {"loss": 0.0, "aux": 0.0, "acc": 0.0, "aux_acc": 0.0, "n": 0}
-    while True:
+    run: dict[str, float] = {}
+    while state["stage"] < len(STAGES):
+        stage = STAGES[state["stage"]]
         step = state["step"]
-        if state["pre_end"] is None and clock() > args.pretrain_frac * budget:
-            state["pre_end"] = step
-            state["full_t0"] = clock()
-            print(f"tower stage ends at step {step} ({clock() / 60:.1f} min)", flush=True)
-        if state["pre_end"] is not None:
-            p = progress()
-            if p >= 1.0:
-                break
-            if state["video_step"] is None and p >= args.video_from:
-                state["video_step"] = step
-                print(f"videos join at step {step} ({clock() / 60:.1f} min)", flush=True)
-        if state["pre_end"] is None:
-            rng = np.random.default_rng([args.seed, 55, step])
-            scenes = [synthqa.make_scene(rng) for _ in range(args.pretrain_batch)]
-            pv = torch.cat([patchify(np.stack([s.image, s.image])) for s in scenes])
-            cc = torch.from_numpy(np.concatenate([s.cell_colour.flatten() for s in scenes]))
-            cs = torch.from_numpy(np.concatenate([s.cell_shape.flatten() for s in scenes]))
-            g = synthqa.IMAGE_SIZE // PATCH
-            for group in opt_pre.param_groups:
-                group["lr"] = 1e-3 * min(1.0, (step + 1) / 50)
-            with autocast:
-                feats = model.model.visual(pv, grid_thw=torch.tensor([[1, g, g]] * len(scenes))).pooler_output
-                aux, aux_acc = heads.loss(feats, cc, cs)
-            opt_pre.zero_grad(set_to_none=True)
-            aux.backward()
-            torch.nn.utils.clip_grad_norm_(tower, 1.0)
-            opt_pre.step()
-            run["aux"] += aux.item()
-            run["aux_acc"] += aux_acc
-        else:
-            videos = state["video_step"] is not None
-            n_img = args.mixed_batch if videos else args.batch
-            n_vid = args.video_batch if videos else 0
-            ids, mask, types, pv_img, pv_vid, (rows, cols, ys, ws), labels = train_batch(
-                batcher, step, args.seed, n_img, n_vid, args, IMAGE_WEIGHTS
-            )
-            for group in opt.param_groups:
-                group["lr"] = lr_at(progress(), step - state["pre_end"], args.lr, args.warmup, args.decay_from)
-            with autocast:
-                h, feats = forward_hidden(model, ids, mask, types, pv_img, pv_vid, n_img, n_vid, want_feats=True)
-                logits = model.lm_head(h[rows, cols])
-                aux, aux_acc = heads.loss(feats, *labels)
-            ce = F.cross_entropy(logits.float(), ys, reduction="none")
-            loss = (ce * ws).sum() / ws.sum()
-            opt.zero_grad(set_to_none=True)
-            (loss + args.aux_weight * aux).backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            run["loss"] += loss.item()
-            run["aux"] += aux.item()
-            run["aux_acc"] += aux_acc
-            run["acc"] += (logits.argmax(-1) == ys).float().mean().item()
-        run["n"] += 1
+        cap = caps.get(stage)
+        if step >= totals[stage] or (cap is not None and clock() - state["stage_t0"] > cap):
+            state["ends"][stage] = {"step": step, "min": round(clock() / 60, 1)}
+            print(f"{stage} stage ends at step {step} ({clock() / 60:.1f} min)", flush=True)
+            if stage == "reader":
+                run_eval("symbols")
+                export(model, processor, work / "reader")
+            else:
+                run_eval("tower")
+                export(model, processor, work / stage)
+            state.update(stage=state["stage"] + 1, step=0, stage_t0=clock())
+            save()
+            continue
+        rng = np.random.default_rng([args.seed, STAGES.index(stage), step])
+        opt = opts[stage]
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, totals[stage], peaks[stage], args.warmup)
+        with autocast:
+            if stage == "seer":
+                batch = Batch(batcher, rng, args.seer_batch, args.seer_batch // 2)
+                fi, fv = tower(model, *batch.pixels(), batch.n_img, batch.n_vid)
+                loss, acc = symbols.tower_loss(batch.parts(fi, fv))
+                metrics = {"seer": loss.item(), "seer_acc": acc}
+                params = vision
+            else:
+                every = args.curriculum_steps if stage == "reader" else 0
+                batch = Batch(batcher, rng, args.batch, args.video_batch, mixture(step, every, args), args)
+                if stage == "reader":
+                    fi, fv = batch.symbols(symbols)
+                    params = llm + list(symbols.parameters())
+                else:
+                    fi, fv = tower(model, *batch.pixels(), batch.n_img, batch.n_vid)
+                    params = llm + vision
+                h = forward_llm(model, batch.ids, batch.mask, batch.types, fi, fv, batch.starts)
+                logits = model.lm_head(h[batch.rows, batch.cols])
+                ce = F.cross_entropy(logits.float(), batch.ys, reduction="none")
+                loss = (ce * batch.ws).sum() / batch.ws.sum()
+                metrics = {"loss": loss.item(), "token_acc": (logits.argmax(-1) == batch.ys).float().mean().item()}
+                if stage == "joint" and args.anchor_weight:
+                    anchor, acc = symbols.tower_loss(batch.parts(fi, fv))
+                    loss = loss + args.anchor_weight * anchor
+                    metrics.update(seer=anchor.item(), seer_acc=acc)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        for k, v in metrics.items():
+            run[k] = run.get(k, 0.0) + v
+        run["n"] = run.get("n", 0) + 1
         state["step"] = step = step + 1
-        if step % 20 == 0:
-            n = run["n"]
-            stage = "tower" if state["pre_end"] is None else ("mixed" if state["video_step"] is not None else "image")
+        if step % 25 == 0:
+            n = run.pop("n")
+            shown = " ".join(f"{k} {v / n:.4f}" for k, v in run.items())
             print(
-                f"step {step} {stage} lr {opt.param_groups[0]['lr']:.2e} loss {run['loss'] / n:.4f} "
-                f"token_acc {run['acc'] / n:.3f} aux {run['aux'] / n:.4f} aux_acc {run['aux_acc'] / n:.3f} "
-                f"elapsed {clock() / 60:.1f} min",
+                f"{stage} step {step} lr {opt.param_groups[0]['lr']:.2e} {shown} elapsed {clock() / 60:.1f} min",
                 flush=True,
             )
-            run = {k: 0.0 for k in run}
-            run["n"] = 0
-        if state["pre_end"] is not None and (step - state["pre_end"]) % args.eval_every == 0:
-            score = run_eval()
-            if score > state["best"]:
-                state["best"] = score
-                export(model, processor, work / "best")
-                print(f"new best {score:.3f} exported to {work / 'best'}", flush=True)
+            run = {}
+        if step % args.eval_every == 0 and step < totals[stage]:
+            if stage == "seer":  # the reader, unchanged, on what the tower says so far
+                run_eval("tower")
+            else:
+                run_eval("symbols" if stage == "reader" else "tower")
         if step % args.ckpt_every == 0:
             save()
-    save()
-    run_eval()
-    export(model, processor, work / "final")
     export(model, processor, Path(args.out))
-    print(f"done in {clock() / 60:.1f} min at step {state['step']}; final model saved to {args.out}", flush=True)
+    print(
+        f"done in {clock() / 60:.1f} min; stage ends {json.dumps(state['ends'])}; model saved to {args.out}", flush=True
+    )
     return 0
 
 
