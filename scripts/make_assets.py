@@ -18,7 +18,7 @@ from vtr.bench import synthqa
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 #: file stem -> video test-split index
-SAMPLE_CLIPS = {"few_frames": 0, "when": 2, "exist": 1, "describe": 7}
+SAMPLE_CLIPS = {"few_frames": 0, "when": 2, "exist": 1, "describe": 71}
 FPS = 8
 
 

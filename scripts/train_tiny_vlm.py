@@ -189,12 +189,14 @@ def patchify(frames: np.ndarray) -> torch.Tensor:
 class Symbols(nn.Module):
     """The reader's visual vocabulary: what each visual token should say about its cell.
 
-    A cell's vector is ``what[colour, shape] + row[r] + col[c]``: one learned vector per label (0 = background)
-    plus the cell's row and column in eight bins of the frame (a 4x4 clip frame uses every other bin).
-    The position terms matter: rotary positions shape attention weights but never enter the values, so an LLM
-    that must infer "left" from them (through how much a token attends to the others) learns it late or not at
-    all -- the cause of the earlier models' chance left/right. A ViT sees where a patch is (the frame's edges
-    are in its attention), so the tower can say it.
+    A cell's vector is ``table[colour, shape]``: one learned vector per label (0 = background). With
+    ``positions``, ``row[r] + col[c]`` codes of the cell's row and column (eight bins of the frame; a 4x4 clip frame
+    uses every other bin) are added. They are meant for left/right: rotary positions shape attention weights but
+    never enter the values, so an LLM must infer "left" from how much a token attends to others, which it learns
+    late or not at all (the bundled models answer left/right at chance), while a ViT sees where a patch is.
+    In two runs here they made the conjunction lookups ("is there a red circle ?") stay at chance for 2000
+    reader steps -- at the label vectors' scale, and started 10x smaller, as Adam grows them within a few hundred
+    steps -- so the bundled model is trained without them.
 
     Stage 1 feeds these vectors to the LLM in place of the visual tokens, so the LLM learns to read scenes
     without paying for the tower; stage 2 teaches the tower to output them; stage 3 tunes both on pixels.
@@ -202,13 +204,17 @@ class Symbols(nn.Module):
 
     BINS = 8
 
-    def __init__(self, dim: int, seed: int):
+    def __init__(self, dim: int, seed: int, positions: bool = False):
         super().__init__()
         g = torch.Generator().manual_seed(seed + 4321)
         self.n_shapes = len(synthqa.SHAPES) + 1
-        self.what = nn.Parameter(torch.randn((len(synthqa.COLOURS) + 1) * self.n_shapes, dim, generator=g))
-        self.row = nn.Parameter(torch.randn(self.BINS, dim, generator=g) * 0.5)
-        self.col = nn.Parameter(torch.randn(self.BINS, dim, generator=g) * 0.5)
+        self.table = nn.Parameter(torch.randn((len(synthqa.COLOURS) + 1) * self.n_shapes, dim, generator=g))
+        row, col = (torch.randn(self.BINS, dim, generator=g) * 0.05 for _ in range(2))
+        if positions:
+            self.row, self.col = nn.Parameter(row), nn.Parameter(col)
+        else:
+            self.register_buffer("row", torch.zeros_like(row), persistent=False)
+            self.register_buffer("col", torch.zeros_like(col), persistent=False)
 
     def index(self, cc: torch.Tensor, cs: torch.Tensor) -> torch.Tensor:
         return cc * self.n_shapes + cs
@@ -221,7 +227,7 @@ class Symbols(nn.Module):
 
     def forward(self, cc: torch.Tensor, cs: torch.Tensor, grid: int) -> torch.Tensor:
         """``cc``/``cs`` ``[N]`` labels of whole ``grid x grid`` frames, raster order -> ``[N, D]``."""
-        return self.what[self.index(cc, cs)] + self.where(len(cc), grid)
+        return self.table[self.index(cc, cs)] + self.where(len(cc), grid)
 
     def tower_loss(
         self, parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]
@@ -232,15 +238,15 @@ class Symbols(nn.Module):
         Returns the loss and the nearest-label accuracy on object cells."""
         num = den = 0.0
         hits = []
-        what = self.what.detach()
+        table = self.table.detach()
         for feats, cc, cs, grid in parts:
             f = feats.float()
             pos = self.where(len(cc), grid).detach()
             y = self.index(cc, cs)
             w = torch.where(cc > 0, 4.0, 1.0)
-            mse = (f - what[y] - pos).pow(2).mean(-1)
+            mse = (f - table[y] - pos).pow(2).mean(-1)
             c = f - pos
-            d = (c.pow(2).sum(-1, keepdim=True) - 2 * c @ what.T + what.pow(2).sum(-1)) / f.shape[-1]
+            d = (c.pow(2).sum(-1, keepdim=True) - 2 * c @ table.T + table.pow(2).sum(-1)) / f.shape[-1]
             per = mse + F.cross_entropy(-d, y, reduction="none")
             num = num + (per * w).sum()
             den = den + w.sum()
@@ -662,6 +668,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--eval-n", type=int, default=240)
     ap.add_argument("--ckpt-every", type=int, default=100)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument(
+        "--position-codes",
+        action="store_true",
+        help="add row/column codes to the cell vectors (see Symbols; in two runs here the conjunction questions, "
+        "e.g. 'is there a red circle ?', then stayed at chance for 2000 reader steps, so the bundled model has none)",
+    )
+    ap.add_argument(
+        "--seer-init",
+        metavar="MODEL_DIR",
+        help="start the seer stage from the vision tower (ViT + merger) of a saved Qwen2-VL of this shape, e.g. "
+        "the previous bundled model (git show 38a5016:assets/tiny-synth-vl/...): its tower already tells colour "
+        "and shape per cell, so the seer only remaps it to the cell vectors",
+    )
     ap.add_argument("--resume", action="store_true")
     ap.add_argument("--check", action="store_true", help="verify the hand-built batches against the processor, exit")
     ap.add_argument(
@@ -694,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
     fast_patch_embed(model)
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    symbols = Symbols(model.config.text_config.hidden_size, args.seed)
+    symbols = Symbols(model.config.text_config.hidden_size, args.seed, positions=args.position_codes)
     llm = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
     vision = list(model.model.visual.parameters())
     opts = {
@@ -780,6 +799,13 @@ def main(argv: list[str] | None = None) -> int:
             state.update(stage=state["stage"] + 1, step=0, stage_t0=clock())
             save()
             continue
+        if stage == "seer" and step == 0 and args.seer_init:
+            from transformers import Qwen2VLForConditionalGeneration
+
+            donor = Qwen2VLForConditionalGeneration.from_pretrained(args.seer_init)
+            model.model.visual.load_state_dict(donor.model.visual.state_dict())
+            del donor
+            print(f"seer starts from the tower of {args.seer_init}", flush=True)
         rng = np.random.default_rng([args.seed, STAGES.index(stage), step])
         opt = opts[stage]
         for group in opt.param_groups:

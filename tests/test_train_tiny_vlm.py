@@ -83,7 +83,7 @@ def test_curriculum_meets_tasks_in_order(T):
 
 
 def test_cell_codes_position_bins(T):
-    sym = T.Symbols(8, seed=0)
+    sym = T.Symbols(8, seed=0, positions=True)
     codes = sym.where(2 * 16, grid=4)  # two 4x4 frames: bins 0, 2, 4, 6 of the eight
     assert torch.allclose(codes[5], sym.row[2] + sym.col[2])
     assert torch.allclose(codes[16 + 15], sym.row[6] + sym.col[6])
@@ -92,7 +92,7 @@ def test_cell_codes_position_bins(T):
     cc = torch.tensor([0, 1])
     cs = torch.tensor([0, 2])
     out = sym(torch.cat([cc, torch.zeros(14, dtype=torch.long)]), torch.cat([cs, torch.zeros(14, dtype=torch.long)]), 4)
-    assert torch.allclose(out[1], sym.what[1 * sym.n_shapes + 2] + sym.row[0] + sym.col[2])
+    assert torch.allclose(out[1], sym.table[1 * sym.n_shapes + 2] + sym.row[0] + sym.col[2])
     labels_c = torch.cat([cc, torch.zeros(14, dtype=torch.long)])
     labels_s = torch.cat([cs, torch.zeros(14, dtype=torch.long)])
     exact, acc = sym.tower_loss([(out.detach(), labels_c, labels_s, 4)])
@@ -100,3 +100,10 @@ def test_cell_codes_position_bins(T):
     noisy, _ = sym.tower_loss([(out.detach() + 0.5 * torch.randn(out.shape), labels_c, labels_s, 4)])
     wrong, wrong_acc = sym.tower_loss([(out.detach(), labels_c.flip(0), labels_s.flip(0), 4)])
     assert float(exact) < float(noisy) and float(exact) < float(wrong) and wrong_acc == 0.0
+
+
+def test_cell_codes_without_positions_are_the_label_vectors(T):
+    sym = T.Symbols(8, seed=0)
+    assert [n for n, _ in sym.named_parameters()] == ["table"]
+    cc, cs = torch.tensor([3, 0]), torch.tensor([1, 0])
+    assert torch.equal(sym(cc, cs, 8), sym.table[torch.tensor([3 * sym.n_shapes + 1, 0])])
