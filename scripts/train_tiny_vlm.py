@@ -32,6 +32,9 @@ go to ``--work`` every ``--ckpt-every`` steps, each stage's end model to ``--wor
 exported with ``save_pretrained`` to ``--out``.
 
     nohup python scripts/train_tiny_vlm.py > /tmp/tiny_vlm.log 2>&1 &
+
+The bundled checkpoint came from two runs (a resumed reader and ``--seer-init`` with the previous bundled
+model's tower); the README's Results section has the exact commands.
 """
 
 from __future__ import annotations
