@@ -23,8 +23,10 @@ backward on every one of those steps is what made the previous recipe miss its g
 3. ``joint`` (``--joint-steps``): everything end to end on pixels at a low LR, the seer loss kept as an
    anchor, so the LLM also uses what the labels do not say (e.g. where in a cell an object sits).
 
-Conversations: several questions per image packed as one conversation (``USER: <image> q1 ASSISTANT: a1</s>
-USER: q2 ...``) or one description turn; cross-entropy on every answer token and its end token.
+Conversations: several questions per image (or one description) packed behind one shared image prefix
+(``USER: <image> q1 ASSISTANT: a1</s> q2 ASSISTANT: a2</s> ...``), each turn masked from the others and given
+the positions it would have alone (:func:`packed_positions_and_mask`); cross-entropy on every answer token and
+its end token.
 
 The batch of step ``s`` of a stage is a pure function of ``(--seed, stage, s)``, so ``--resume`` continues
 exactly; ``--stage-min`` caps a stage by wall clock (then the run depends on the machine's speed). Checkpoints
@@ -292,7 +294,7 @@ class Batcher:
         Layout: ``USER: <vision> q1 ASSISTANT: a1 </s> q2 ASSISTANT: a2 </s> ...``. The first turn is exactly the
         single-question prompt; :func:`forward_llm` gives every later turn the positions of a first turn and lets
         it see only the prefix and itself, so each turn is the single-question case, computed once per image, and
-        no answer can be copied from another turn's text (which is what stalled the earlier recipes).
+        no answer can be copied from another turn's text (the earlier recipes' packing allowed that).
         """
         seq: list[int] = self.user + self.visual(video)
         targets: list[tuple[int, int, float, str]] = []
@@ -316,9 +318,9 @@ class Batcher:
 
     def turns(self, item, ask, rng, n: int, p_desc: float, weights: dict[str, float]) -> list[tuple[str, str, str]]:
         """One description turn (probability ``p_desc``, always if ``weights`` is empty) or up to ``n`` distinct
-        questions drawn by ``weights``, never both: a description earlier in the conversation would let later
-        answers be copied from text, not read from the image (an earlier revision did that, and question accuracy
-        stalled near chance). ``ask`` is :func:`synthqa.ask` (scenes) or :func:`synthqa.ask_clip` (clips)."""
+        questions drawn by ``weights``, never both (kept from the unmasked packing, where a description let later
+        answers be copied from text; the bundled model was trained so). ``ask`` is :func:`synthqa.ask` (scenes) or
+        :func:`synthqa.ask_clip` (clips)."""
         if not weights or rng.random() < p_desc:
             q, a = ask(item, "describe", rng)
             return [(q, a, "describe")]
@@ -434,37 +436,28 @@ class Batch:
         seqs, targets, starts, img_frames, vid_frames = [], [], [], [], []
         cc_i, cs_i, cc_v, cs_v = [], [], [], []
         text = mix is not None
-        if text:
-            w_img, p_desc, w_vid, p_vdesc = mix
-            if not w_vid and not p_vdesc:
-                n_vid = 0
-        while len(img_frames) < n_img:
-            scene = synthqa.make_scene(rng)
-            if text:
-                turns = batcher.turns(scene, synthqa.ask, rng, args.qpi, p_desc, w_img)
-                if not turns:
-                    continue
-                s, t, st = batcher.conversation(turns, video=False)
-                seqs.append(s)
-                targets.append(t)
-                starts.append(st)
-            img_frames.append(np.stack([scene.image, scene.image]))
-            cc_i.append(scene.cell_colour.flatten())
-            cs_i.append(scene.cell_shape.flatten())
-        while len(vid_frames) < n_vid:
-            clip = synthqa.make_clip(rng)
-            if text:
-                turns = batcher.turns(clip, synthqa.ask_clip, rng, args.qpv, p_vdesc, w_vid)
-                if not turns:
-                    continue
-                s, t, st = batcher.conversation(turns, video=True)
-                seqs.append(s)
-                targets.append(t)
-                starts.append(st)
-            vid_frames.append(clip.frames)
-            cc, cs = synthqa.clip_cells(clip)
-            cc_v.append(cc.flatten())
-            cs_v.append(cs.flatten())
+        w_img, p_desc, w_vid, p_vdesc = mix if text else ({}, 0.0, {}, 0.0)
+        if text and not w_vid and not p_vdesc:
+            n_vid = 0
+        kinds = (  # (count, draw, ask, questions, description share, weights, video, frames, cc, cs)
+            (n_img, synthqa.make_scene, synthqa.ask, "qpi", p_desc, w_img, False, img_frames, cc_i, cs_i),
+            (n_vid, synthqa.make_clip, synthqa.ask_clip, "qpv", p_vdesc, w_vid, True, vid_frames, cc_v, cs_v),
+        )
+        for count, draw, ask, n_q, p, w, video, frames, ccs, css in kinds:
+            while len(frames) < count:
+                item = draw(rng)
+                if text:
+                    turns = batcher.turns(item, ask, rng, getattr(args, n_q), p, w)
+                    if not turns:
+                        continue
+                    s, t, st = batcher.conversation(turns, video=video)
+                    seqs.append(s)
+                    targets.append(t)
+                    starts.append(st)
+                frames.append(item.frames if video else np.stack([item.image, item.image]))
+                cc, cs = synthqa.clip_cells(item) if video else (item.cell_colour, item.cell_shape)
+                ccs.append(cc.flatten())
+                css.append(cs.flatten())
         self.n_img, self.n_vid = n_img, n_vid
         self.frames_img, self.frames_vid = img_frames, vid_frames
         cat = lambda xs: torch.from_numpy(np.concatenate(xs)) if xs else None  # noqa: E731
@@ -656,9 +649,9 @@ def main(argv: list[str] | None = None) -> int:
         "--seer-batch", type=int, default=12, help="images per step in the seer stage (plus as many clips / 2)"
     )
     ap.add_argument(
-        "--curriculum-steps", type=int, default=150, help="reader stage: steps between new tasks (0: all at once)"
+        "--curriculum-steps", type=int, default=100, help="reader stage: steps between new tasks (0: all at once)"
     )
-    ap.add_argument("--qpi", type=int, default=6, help="questions per image")
+    ap.add_argument("--qpi", type=int, default=10, help="questions per image")
     ap.add_argument("--qpv", type=int, default=4, help="questions per clip")
     ap.add_argument("--p-desc", type=float, default=0.3, help="share of images with a description (alone)")
     ap.add_argument("--p-vdesc", type=float, default=0.3, help="share of clips with a description (alone)")
